@@ -1,0 +1,11 @@
+"""BDM — the Bridge Diffusion Model (arXiv 2309.00952) for SD1.x backbones.
+
+A frozen English SD1.x UNet (the backbone) plus a trainable branch that reads a Chinese text
+encoder; the branch's residuals are added to the backbone's skips and middle block.
+"""
+from .bridge import Bridge, BridgeConfig, from_backbone
+from .inject import Attachment, attach
+from .unet import SD15, SMALL, UNetConfig, UNetModel
+
+__all__ = ["Attachment", "Bridge", "BridgeConfig", "SD15", "SMALL", "UNetConfig", "UNetModel", "attach",
+           "from_backbone"]

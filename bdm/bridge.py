@@ -1,0 +1,116 @@
+"""The bridge branch: a trainable copy of the backbone's encoder half that reads another text encoder.
+
+BDM's branch is ControlNet without the hint encoder: `time_embed`, `input_blocks`, `middle_block`
+(built by the same function as the UNet's, so names and shapes match the backbone) plus one
+zero-initialised 1×1 conv per skip (`zero_convs`) and one for the middle (`middle_block_out`). Its
+cross-attention reads the Chinese hidden states, so only `attn2.to_k/to_v` differ in shape from the
+backbone. A ControlNet is the same module with `hint_channels` set (`input_hint_block`), so one class
+loads both. The branch is built from its config and filled by state dict: it never shares modules with
+a live backbone, so a host's LoRA patching or offloading of the backbone never touches it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .unet import UNetConfig, UNetModel, build_encoder, run_block, time_embedding
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """A branch's architecture: the backbone encoder it mirrors (with its own context size), and an
+    optional ControlNet hint input."""
+
+    unet: UNetConfig
+    hint_channels: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BridgeConfig":
+        return cls(UNetConfig.from_dict(d["unet"]), d.get("hint_channels"))
+
+    def to_dict(self) -> dict:
+        return {"unet": self.unet.to_dict(), "hint_channels": self.hint_channels}
+
+
+def zeroed(conv: nn.Conv2d) -> nn.Conv2d:
+    """A conv whose output starts at zero, so a new branch adds nothing until trained."""
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def hint_block(hint_channels: int, model_channels: int) -> nn.Sequential:
+    """ControlNet's hint encoder (image → latent-size features), LDM `input_hint_block` names."""
+    widths = [16, 16, 32, 32, 96, 96, 256]
+    layers: list[nn.Module] = [nn.Conv2d(hint_channels, widths[0], 3, padding=1), nn.SiLU()]
+    for i in range(1, len(widths)):
+        stride = 2 if widths[i] != widths[i - 1] else 1
+        layers += [nn.Conv2d(widths[i - 1], widths[i], 3, padding=1, stride=stride), nn.SiLU()]
+    layers.append(zeroed(nn.Conv2d(widths[-1], model_channels, 3, padding=1)))
+    return nn.Sequential(*layers)
+
+
+class Bridge(nn.Module):
+    """Branch network: `forward(x, timesteps, context) -> (down residuals, middle residual)`."""
+
+    def __init__(self, config: BridgeConfig):
+        super().__init__()
+        self.config = config
+        cfg = config.unet
+        self.skip_channels = build_encoder(self, cfg)
+        self.zero_convs = nn.ModuleList(nn.Sequential(zeroed(nn.Conv2d(c, c, 1))) for c in self.skip_channels)
+        mid = cfg.channel_mult[-1] * cfg.model_channels
+        self.middle_block_out = nn.Sequential(zeroed(nn.Conv2d(mid, mid, 1)))
+        self.input_hint_block = (hint_block(config.hint_channels, cfg.model_channels)
+                                 if config.hint_channels else None)
+        self.gradient_checkpointing = False
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.unet.in_channels
+
+    @property
+    def context_dim(self) -> int:
+        return self.config.unet.context_dim
+
+    @property
+    def is_controlnet(self) -> bool:
+        return self.input_hint_block is not None
+
+    @classmethod
+    def from_backbone(cls, unet: UNetModel, context_dim: int | None = None,
+                      hint_channels: int | None = None) -> "Bridge":
+        """A fresh branch for `unet`: every weight that fits is copied, the rest starts new.
+
+        With a context size other than the backbone's, `attn2.to_k/to_v` cannot be copied and keep
+        their fresh initialisation; the zero convs start at zero, so the branch adds nothing yet.
+        """
+        cfg = unet.config.with_context_dim(context_dim or unet.config.context_dim)
+        bridge = cls(BridgeConfig(cfg, hint_channels)).to(next(unet.parameters()).dtype)
+        own = bridge.state_dict()
+        copied = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
+        bridge.load_state_dict(copied, strict=False)
+        return bridge
+
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, hint: torch.Tensor | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.is_controlnet and hint is None:
+            raise ValueError("this branch is a ControlNet: forward() needs a hint image")
+        ckpt = self.gradient_checkpointing and self.training
+        emb = time_embedding(self, timesteps, x.shape[0], x.dtype, self.config.unet.model_channels)
+        guided_hint = self.input_hint_block(hint.to(x.dtype)) if self.is_controlnet else None
+        down, h = [], x
+        for block, zero in zip(self.input_blocks, self.zero_convs):
+            h = run_block(block, ckpt, h, emb, context)
+            if guided_hint is not None:
+                h, guided_hint = h + guided_hint, None
+            down.append(zero(h))
+        h = run_block(self.middle_block, ckpt, h, emb, context)
+        return down, self.middle_block_out(h)
+
+
+def from_backbone(unet: UNetModel, context_dim: int | None = None) -> Bridge:
+    """A fresh BDM branch for `unet` reading a text encoder of width `context_dim`."""
+    return Bridge.from_backbone(unet, context_dim)

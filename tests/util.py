@@ -1,0 +1,50 @@
+"""Test helpers: models in real architectures with random weights, built fast."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill every parameter with scaled random values (zero-initialised layers included), so that
+    every path of the network influences the output and comparisons mean something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def build_random(factory, seed: int = 0) -> nn.Module:
+    """`factory()` constructed on the meta device, then materialised with random weights — skips the
+    slow default initialisation of SD1.5-size models."""
+    with torch.device("meta"):
+        module = factory()
+    return randomize_(module.to_empty(device="cpu"), seed).eval()
+
+
+def load_assigned(factory, state_dict: dict) -> nn.Module:
+    """A peer model built on meta and given `state_dict`'s tensors (strict: every key must match)."""
+    with torch.device("meta"):
+        module = factory()
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            raise AssertionError(f"buffer {name} was not materialised")
+    return module.eval()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
