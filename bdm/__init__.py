@@ -5,7 +5,8 @@ encoder; the branch's residuals are added to the backbone's skips and middle blo
 """
 from .bridge import Bridge, BridgeConfig, from_backbone
 from .inject import Attachment, attach
+from .load import load_bridge
 from .unet import SD15, SMALL, UNetConfig, UNetModel
 
 __all__ = ["Attachment", "Bridge", "BridgeConfig", "SD15", "SMALL", "UNetConfig", "UNetModel", "attach",
-           "from_backbone"]
+           "from_backbone", "load_bridge"]

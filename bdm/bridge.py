@@ -66,6 +66,13 @@ class Bridge(nn.Module):
         self.input_hint_block = (hint_block(config.hint_channels, cfg.model_channels)
                                  if config.hint_channels else None)
         self.gradient_checkpointing = False
+        self.meta: dict[str, str] = {}
+        self.__dict__["text_encoder"] = None
+
+    def set_text_encoder(self, encoder) -> None:
+        """Keep the branch's Chinese encoder beside it, outside the module tree: moving or casting the
+        branch to the UNet's device and dtype must not move the encoder, which may stay on the CPU."""
+        self.__dict__["text_encoder"] = encoder
 
     @property
     def in_channels(self) -> int:

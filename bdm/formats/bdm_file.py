@@ -1,0 +1,100 @@
+"""The project's single-file BDM format: one `.safetensors` with the branch and its Chinese encoder.
+
+Layout:
+- `bridge.*` — the branch in LDM/ControlNet naming (`input_blocks.*`, `zero_convs.*`, …);
+- `text_encoder.*` — the Chinese CLIP text tower in Hugging Face naming (`embeddings.*`, `encoder.*`);
+- metadata (all strings): `format` = "bdm", `format_version`, `base_family` = "sd1",
+  `bridge_config` and `text_encoder_config` (JSON), plus free-form `bdm.*` notes (training run, …).
+Everything needed to rebuild both modules is inside; no code is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..bridge import Bridge, BridgeConfig
+from .files import (FormatError, load_checked, materialize, read_metadata, read_state_dict,
+                    save_safetensors, strip_prefix)
+
+FORMAT = "bdm"
+FORMAT_VERSION = 1
+BRIDGE_PREFIX = "bridge."
+TEXT_PREFIX = "text_encoder."
+
+
+def save_bdm(path: str | os.PathLike, bridge: Bridge, text_encoder=None, notes: dict | None = None,
+             dtype: torch.dtype | None = None) -> Path:
+    """Write a BDM file atomically (temp file + rename). `notes` go to the metadata as `bdm.<key>`."""
+    tensors = {BRIDGE_PREFIX + k: v for k, v in bridge.state_dict().items()}
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_family": "sd1",
+                "bridge_config": json.dumps(bridge.config.to_dict())}
+    if text_encoder is not None:
+        tensors.update({TEXT_PREFIX + k: v for k, v in text_encoder.model.state_dict().items()})
+        metadata["text_encoder_config"] = json.dumps(text_encoder.config_dict())
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    for key, value in (notes or {}).items():
+        metadata[f"bdm.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return save_safetensors(path, tensors, metadata)
+
+
+def is_bdm_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT
+
+
+def _explain_not_bdm(path: Path, tensors: dict) -> str:
+    if any(k.startswith("control_model.") for k in tensors):
+        return f"{path}: this is a ControlNet (control_model.* keys), not a BDM file"
+    if any(k.startswith("model.diffusion_model.") for k in tensors):
+        return f"{path}: this is a Stable Diffusion checkpoint, not a BDM file"
+    if any(k.startswith("lora_") for k in tensors):
+        return f"{path}: this is a LoRA, not a BDM file"
+    return (f"{path}: not a BDM file (expected metadata format=bdm with bridge.* and text_encoder.* "
+            "tensors; convert official releases with `python -m bdm.convert`)")
+
+
+def read_bdm(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and tensors of a BDM file, after checking it is one of a version we can read."""
+    path = Path(path)
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    tensors = read_state_dict(path)
+    if meta.get("format") != FORMAT:
+        raise FormatError(_explain_not_bdm(path, tensors))
+    version = int(meta.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{path}: BDM format version {version} is newer than this program reads "
+                          f"({FORMAT_VERSION}); update the extension")
+    if meta.get("base_family") != "sd1":
+        raise FormatError(f"{path}: made for base family {meta.get('base_family')!r}; only 'sd1' is supported")
+    return meta, tensors
+
+
+def load_bdm(path: str | os.PathLike, with_text_encoder: bool = True) -> Bridge:
+    """The branch of a BDM file, with its Chinese encoder as `bridge.text_encoder` (or None)."""
+    meta, tensors = read_bdm(path)
+    try:
+        config = BridgeConfig.from_dict(json.loads(meta["bridge_config"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise FormatError(f"{path}: unreadable bridge_config metadata: {e}") from e
+    bridge = materialize(lambda: Bridge(config))
+    load_checked(bridge, strip_prefix(tensors, BRIDGE_PREFIX), str(path), "branch weights (bridge.*)")
+    text_encoder = None
+    if with_text_encoder:
+        text_encoder = load_text_encoder(path, meta, tensors)
+    bridge.set_text_encoder(text_encoder)
+    bridge.meta = {k: v for k, v in meta.items() if k.startswith("bdm.")}
+    return bridge.eval()
+
+
+def load_text_encoder(path, meta: dict, tensors: dict):
+    from ..text.chinese import ChineseTextEncoder
+    if "text_encoder_config" not in meta:
+        raise FormatError(f"{path}: this BDM file holds no Chinese text encoder (no text_encoder_config); "
+                          "give one with --chinese-clip DIR")
+    encoder = ChineseTextEncoder.from_config(json.loads(meta["text_encoder_config"]))
+    load_checked(encoder.model, strip_prefix(tensors, TEXT_PREFIX), str(path),
+                 "Chinese text encoder weights (text_encoder.*)")
+    return encoder
