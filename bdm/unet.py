@@ -34,7 +34,7 @@ class UNetConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(self.attention_resolutions)))
 
     @classmethod
     def from_dict(cls, params: dict) -> "UNetConfig":

@@ -31,7 +31,8 @@ class Family:
         return {4: "", 9: " inpainting", 8: " instruct-pix2pix"}.get(self.in_channels, f" {self.in_channels}-channel")
 
     def describe(self) -> str:
-        return f"{self.name}{self.variant} (UNet context {self.context_dim})"
+        label = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}.get(self.name, "unrecognised")
+        return f"{label}{self.variant} (UNet context {self.context_dim})"
 
 
 def detect_family(state_dict: dict) -> Family:
@@ -52,8 +53,8 @@ def detect_family(state_dict: dict) -> Family:
 def require_sd1(family: Family, source: str, allow_inpainting: bool = False) -> None:
     """Refuse backbones a BDM branch cannot be bridged onto, saying what was found."""
     if family.name != "sd1":
-        raise FormatError(f"{source}: this is a {family.describe()} checkpoint; BDM needs an SD1.x "
-                          "backbone (UNet context 768, CLIP ViT-L text encoder)")
+        raise FormatError(f"{source}: this is an {family.describe()} checkpoint; BDM needs an SD1.x-family "
+                          "backbone (LDM UNet with a CLIP ViT-L-style text encoder)")
     if family.in_channels != 4 and not (allow_inpainting and family.in_channels == 9):
         raise FormatError(f"{source}: this is an SD1.x{family.variant} checkpoint "
                           f"({family.in_channels} input channels); BDM needs a plain 4-channel SD1.x UNet")

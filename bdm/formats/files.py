@@ -18,13 +18,18 @@ class FormatError(ValueError):
     """A weights file or folder is not what it was expected to be."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a `.safetensors` file, or of a legacy pickle file loaded with weights_only."""
+def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise FormatError(f"{path}: the file is empty (0 bytes)")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` file, or of a legacy pickle file loaded with weights_only."""
+    path = _existing_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -47,9 +52,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file ({} for other files or none)."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
+    """The string metadata of a safetensors file ({} for other file types or none)."""
+    path = _existing_file(path)
+    if path.suffix != ".safetensors":
         return {}
     from safetensors import safe_open
     try:
