@@ -16,7 +16,7 @@ _EXPORTS = {
     "toy_config": "chinese",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["BREAK_WEIGHT", "BertChineseTokenizer", "ChineseTextEncoder", "parse_prompt_attention", "toy_config"]
 
 
 def __getattr__(name: str):

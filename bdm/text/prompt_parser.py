@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_prompt_attention", "BREAK_WEIGHT"]
+__all__ = ["BREAK_WEIGHT", "parse_prompt_attention"]
 
 BREAK_WEIGHT = -1.0
 _ROUND = 1.1
@@ -46,7 +46,7 @@ _LEXER = re.compile(
     """,
     re.VERBOSE,
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:

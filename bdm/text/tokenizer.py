@@ -19,8 +19,9 @@ kept whole, as transformers does for its registered special tokens.
 Verified (tests/test_text_tokenizer.py): identical ids to transformers' Python tokenizer
 (``BertTokenizer`` in 4.x, ``BertTokenizerLegacy`` in 5.x) on random Unicode strings, and to the
 Rust-backed one (``BertTokenizer`` in 5.x / ``BertTokenizerFast``) on the 870 BDM prompts.  The
-Rust one differs only at Unicode corners: code points unassigned in its Unicode table (kept as
-``[UNK]`` there, dropped here as category C*) and the final-sigma rule of ``str.lower``.
+Rust one differs only for code points unassigned in its Unicode table (kept as ``[UNK]`` there,
+dropped here as category C*).  Lower-casing is per character (``Σ`` -> ``σ`` even at a word's
+end), as in 4.x and the Rust tokenizer; 5.x's legacy class applies the final-sigma rule.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def _split_punctuation(word: str) -> list[str]:
 def _normalise_word(word: str) -> list[str]:
     """Steps 3-4 for one whitespace-free word (NFC never composes across a space, so
     normalising word by word equals BERT's whole-text NFC)."""
-    word = _strip_accents(unicodedata.normalize("NFC", word).lower())
+    # lower-case character by character: no final-sigma rule, like the Rust tokenizer and
+    # transformers 4.x (whose tokenize() lowers one character at a time)
+    word = _strip_accents("".join(c.lower() for c in unicodedata.normalize("NFC", word)))
     return " ".join(_split_punctuation(word)).split()
 
 

@@ -1,0 +1,426 @@
+"""The English side of an SD1.x checkpoint: CLIP BPE tokenizer + CLIP-L text tower, prompted the A1111 way.
+
+The backbone keeps reading exactly what the WebUI would give it, so everything made for SD1.x
+(Textual Inversion, LoRA trigger words, long prompts, `(word:1.2)`, `BREAK`, CLIP skip) behaves the
+same in BDM. Mirrors AUTOMATIC1111 v1.10 `modules/sd_hijack_clip.py` (`FrozenCLIPEmbedderWithCustomWords`,
+emphasis "Original", `comma_padding_backtrack` 20), re-implemented:
+
+* prompt → `(text, weight)` pieces (`bdm.text.prompt_parser`), each piece tokenized on its own;
+* tokens go into chunks of 75; when a chunk is full and a comma is among its last 20 tokens, the
+  tokens after that comma move to the next chunk; `BREAK` closes the chunk;
+* each chunk is `[BOS] + 75 tokens + [EOS]`, padded with EOS (SD1's pad token *is* EOS);
+* each chunk is encoded separately; output = last hidden state after the final layer norm
+  (`clip_skip` n > 1: hidden state of layer -n, then the final layer norm);
+* every token's vector is multiplied by its weight, then the chunk is rescaled to its old mean;
+* chunks are concatenated along the token axis: `[B, 77·k, hidden]`; shorter rows are padded with
+  the encoding of an empty chunk.
+
+One deliberate difference: A1111 restores the mean over the whole batch of a chunk, so a prompt's
+encoding depends on the other prompts encoded with it; here it is restored per row. Identical when a
+batch holds one distinct prompt (A1111's usual case).
+
+The tokenizer is the OpenAI CLIP algorithm without ftfy: NFC, whitespace runs → one space, strip,
+lower-case, the CLIP regex, byte-level BPE with `</w>`. That is exactly what transformers' fast
+`CLIPTokenizer` does; transformers' slow tokenizer with ftfy installed also applies `ftfy.fix_text`
+(mojibake repair, full-width → ASCII, curly → straight quotes, HTML entities), which changes ids only for
+such text.
+"""
+from __future__ import annotations
+
+import gzip
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import regex
+import torch
+from torch import nn
+
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+CHUNK_LENGTH = 75  # prompt tokens per chunk; +BOS +EOS = 77 positions
+COMMA_PADDING_BACKTRACK = 20  # A1111 default
+BREAK_WEIGHT = -1.0
+_PAT = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                     r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+_WHITESPACE = regex.compile(r"\s+")
+
+
+def default_bpe_path() -> Path:
+    """The CLIP BPE merges shipped in `bdm/data` (from open_clip_torch)."""
+    return Path(__file__).resolve().parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte → printable character table (bytes that print stay themselves)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=2)
+def _load_bpe(path: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """(merges, vocabulary in id order) built from the gz merges file the way OpenAI/open_clip do."""
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = tuple(tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1])
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += [BOS_TOKEN, EOS_TOKEN]
+    return merges, tuple(vocab)
+
+
+def clean_text(text: str) -> str:
+    """CLIP's text normalisation without ftfy: NFC, whitespace runs → one space, strip, lower-case."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip().lower()
+
+
+class CLIPTokenizer:
+    """OpenAI CLIP byte-level BPE (vocab 49408, BOS 49406, EOS 49407), pure Python, offline."""
+
+    def __init__(self, bpe_path: str | Path | None = None):
+        merges, vocab = _load_bpe(str(bpe_path or default_bpe_path()))
+        self.merges = merges
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = dict(enumerate(vocab))
+        self.bpe_ranks = {pair: i for i, pair in enumerate(merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        self.bos_token_id = self.encoder[BOS_TOKEN]
+        self.eos_token_id = self.encoder[EOS_TOKEN]
+        self.comma_token_id = self.encoder[",</w>"]
+        self._cache = {BOS_TOKEN: BOS_TOKEN, EOS_TOKEN: EOS_TOKEN}
+
+    def __len__(self) -> int:
+        return len(self.encoder)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.encoder)
+
+    def bpe(self, token: str) -> str:
+        """Space-separated BPE pieces of one pre-token (already byte-encoded)."""
+        if token in self._cache:
+            return self._cache[token]
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        while len(word) > 1:
+            pairs = set(zip(word, word[1:]))
+            bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if bigram not in self.bpe_ranks:
+                break
+            first, second = bigram
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        result = " ".join(word)
+        if len(self._cache) > 100_000:  # long-running WebUI: keep memory bounded
+            self._cache = {BOS_TOKEN: BOS_TOKEN, EOS_TOKEN: EOS_TOKEN}
+        self._cache[token] = result
+        return result
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS (A1111 tokenizes with `add_special_tokens=False`)."""
+        ids = []
+        for piece in _PAT.findall(clean_text(text)):
+            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
+        return ids
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        text = "".join(self.decoder[i] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# The text tower
+
+
+SD1_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                layer_norm_eps=1e-5, projection_dim=768, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407)
+
+
+def text_config(**overrides):
+    """A transformers `CLIPTextConfig`: SD1.x's CLIP ViT-L/14 text tower unless overridden."""
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(**{**SD1_TEXT, **overrides})
+
+
+PREFIX = "cond_stage_model.transformer."
+
+
+def _strip(state_dict: dict) -> dict:
+    """Text-tower tensors with every wrapper prefix removed (`embeddings.*`, `encoder.*`, …)."""
+    if any(k.startswith(PREFIX) for k in state_dict):
+        state_dict = {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
+    for prefix in ("transformer.", "text_model."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+
+
+def text_config_from_state_dict(state_dict: dict, **overrides):
+    """Infer the tower's shape from its tensors; heads default to hidden/64 (CLIP's head width)."""
+    sd = _strip(state_dict)
+    vocab, hidden = sd["embeddings.token_embedding.weight"].shape
+    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    shape = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                 intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                 max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
+                 num_attention_heads=max(1, hidden // 64), projection_dim=hidden)
+    return text_config(**{**shape, **overrides})
+
+
+def _inner(transformer: nn.Module) -> nn.Module:
+    """The module holding `embeddings`/`encoder`/`final_layer_norm`: `.text_model` in transformers 4.x,
+    the model itself in 5.x."""
+    return getattr(transformer, "text_model", transformer)
+
+
+def load_text_model(transformer: nn.Module, state_dict: dict) -> None:
+    """Strictly load checkpoint tensors in any SD1 layout into a `CLIPTextModel` of either transformers
+    generation; `position_ids` (a stored buffer in old files, absent in new ones, sometimes corrupted
+    into floats) always comes from the model itself."""
+    sd = _strip(state_dict)
+    own = transformer.state_dict()
+    lead = "text_model." if any(k.startswith("text_model.") for k in own) else ""
+    sd = {lead + k: v for k, v in sd.items()}
+    for key in own:
+        if key.endswith("position_ids"):
+            sd[key] = own[key]
+    transformer.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A1111 prompt → chunks → embeddings
+
+
+@dataclass
+class PromptChunk:
+    """75 prompt tokens (before BOS/EOS are added), their weights, and TI vectors to place."""
+
+    tokens: list[int] = field(default_factory=list)
+    multipliers: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, str]] = field(default_factory=list)  # (offset in tokens, embedding name)
+
+
+class EnglishTextEncoder(nn.Module):
+    """SD1.x conditioning from English prompts, A1111 semantics; `encode(prompts) -> [B, 77·k, hidden]`."""
+
+    def __init__(self, transformer: nn.Module | None = None, tokenizer: CLIPTokenizer | None = None,
+                 clip_skip: int = 1, comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK):
+        super().__init__()
+        if transformer is None:
+            from transformers import CLIPTextModel
+            transformer = CLIPTextModel(text_config())
+        self.transformer = transformer.eval()
+        self.tokenizer = tokenizer or CLIPTokenizer()
+        self.clip_skip = clip_skip
+        self.comma_padding_backtrack = comma_padding_backtrack
+        self.id_start, self.id_end = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        self._vectors: dict[str, torch.Tensor] = {}
+        self._lookup: dict[int, list[tuple[list[int], str]]] = {}
+        self._pending_fixes: list[list[tuple[int, torch.Tensor]]] | None = None
+        self._hook = _inner(self.transformer).embeddings.token_embedding.register_forward_hook(self._apply_fixes)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, config=None, **kwargs) -> "EnglishTextEncoder":
+        """From a full SD1 checkpoint (`cond_stage_model.transformer.[text_model.]*`) or a bare tower."""
+        from transformers import CLIPTextModel
+        transformer = CLIPTextModel(config or text_config_from_state_dict(state_dict))
+        load_text_model(transformer, state_dict)
+        return cls(transformer, **kwargs)
+
+    def ldm_state_dict(self) -> dict:
+        """Tensors under the names an SD1 checkpoint uses after `cond_stage_model.`."""
+        sd = {k.removeprefix("text_model."): v for k, v in self.transformer.state_dict().items()
+              if not k.endswith("position_ids")}
+        return {"transformer.text_model." + k: v for k, v in sd.items()}
+
+    @property
+    def hidden_size(self) -> int:
+        return _inner(self.transformer).embeddings.token_embedding.weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return _inner(self.transformer).embeddings.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _inner(self.transformer).embeddings.token_embedding.weight.dtype
+
+    # -- Textual Inversion -------------------------------------------------------------------
+
+    def add_embedding(self, name: str, vectors: torch.Tensor) -> None:
+        """Register a Textual Inversion embedding: `name` in a prompt becomes these n input vectors."""
+        vectors = torch.as_tensor(vectors)
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if vectors.ndim != 2 or vectors.shape[1] != self.hidden_size:
+            raise ValueError(f"embedding {name!r} has shape {tuple(vectors.shape)}; this text encoder needs "
+                             f"[n, {self.hidden_size}] (an SD1.x embedding for an SD1.x model)")
+        ids = self.tokenizer.encode(name)
+        if not ids:
+            raise ValueError(f"embedding name {name!r} has no tokens")
+        self.remove_embedding(name)
+        self._vectors[name] = vectors.detach()
+        entries = self._lookup.setdefault(ids[0], [])
+        entries.append((ids, name))
+        entries.sort(key=lambda e: len(e[0]), reverse=True)  # longest name wins, as in A1111
+
+    def remove_embedding(self, name: str) -> None:
+        self._vectors.pop(name, None)
+        for entries in self._lookup.values():
+            entries[:] = [e for e in entries if e[1] != name]
+
+    @property
+    def embedding_names(self) -> list[str]:
+        return list(self._vectors)
+
+    def _find_embedding(self, tokens: list[int], position: int) -> tuple[str | None, int]:
+        for ids, name in self._lookup.get(tokens[position], ()):
+            if tokens[position:position + len(ids)] == ids:
+                return name, len(ids)
+        return None, 1
+
+    def _apply_fixes(self, module, inputs, output):
+        """Forward hook on the token embedding: put TI vectors at their placeholder positions."""
+        fixes, self._pending_fixes = self._pending_fixes, None
+        if not fixes or not any(fixes):
+            return None
+        rows = []
+        for row_fixes, row in zip(fixes, output):
+            for offset, vec in row_fixes:
+                vec = vec.to(row.device, row.dtype)
+                n = min(row.shape[0] - offset - 1, vec.shape[0])
+                row = torch.cat([row[:offset + 1], vec[:n], row[offset + 1 + n:]])
+            rows.append(row)
+        return torch.stack(rows)
+
+    # -- prompt → chunks ---------------------------------------------------------------------
+
+    def tokenize_line(self, line: str) -> tuple[list[PromptChunk], int]:
+        """A1111's `tokenize_line`: the prompt's chunks and its token count."""
+        from bdm.text.prompt_parser import parse_prompt_attention
+        parsed = parse_prompt_attention(line)
+        tokenized = self.tokenizer([text for text, _ in parsed])
+        chunks: list[PromptChunk] = []
+        chunk = PromptChunk()
+        token_count = 0
+        last_comma = -1
+
+        def next_chunk(is_last: bool = False) -> None:
+            nonlocal chunk, token_count, last_comma
+            token_count += len(chunk.tokens) if is_last else CHUNK_LENGTH
+            to_add = CHUNK_LENGTH - len(chunk.tokens)
+            if to_add > 0:
+                chunk.tokens += [self.id_end] * to_add
+                chunk.multipliers += [1.0] * to_add
+            chunk.tokens = [self.id_start] + chunk.tokens + [self.id_end]
+            chunk.multipliers = [1.0] + chunk.multipliers + [1.0]
+            last_comma = -1
+            chunks.append(chunk)
+            chunk = PromptChunk()
+
+        for tokens, (text, weight) in zip(tokenized, parsed):
+            if text == "BREAK" and weight == BREAK_WEIGHT:
+                next_chunk()
+                continue
+            position = 0
+            while position < len(tokens):
+                token = tokens[position]
+                if token == self.tokenizer.comma_token_id:
+                    last_comma = len(chunk.tokens)
+                elif (self.comma_padding_backtrack and len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
+                      and len(chunk.tokens) - last_comma <= self.comma_padding_backtrack):
+                    # full chunk, comma close to its end: move what follows the comma to the next chunk
+                    cut = last_comma + 1
+                    moved_tokens, moved_mults = chunk.tokens[cut:], chunk.multipliers[cut:]
+                    chunk.tokens, chunk.multipliers = chunk.tokens[:cut], chunk.multipliers[:cut]
+                    next_chunk()
+                    chunk.tokens, chunk.multipliers = moved_tokens, moved_mults
+                if len(chunk.tokens) == CHUNK_LENGTH:
+                    next_chunk()
+                name, name_length = self._find_embedding(tokens, position)
+                if name is None:
+                    chunk.tokens.append(token)
+                    chunk.multipliers.append(weight)
+                    position += 1
+                    continue
+                n_vectors = self._vectors[name].shape[0]
+                if len(chunk.tokens) + n_vectors > CHUNK_LENGTH:
+                    next_chunk()
+                chunk.fixes.append((len(chunk.tokens), name))
+                chunk.tokens += [0] * n_vectors
+                chunk.multipliers += [weight] * n_vectors
+                position += name_length
+
+        if chunk.tokens or not chunks:
+            next_chunk(is_last=True)
+        return chunks, token_count
+
+    def empty_chunk(self) -> PromptChunk:
+        return PromptChunk(tokens=[self.id_start] + [self.id_end] * (CHUNK_LENGTH + 1),
+                           multipliers=[1.0] * (CHUNK_LENGTH + 2))
+
+    # -- chunks → tensors --------------------------------------------------------------------
+
+    def encode_chunks(self, chunks: list[PromptChunk]) -> torch.Tensor:
+        """[n, 77, hidden] for n chunks: transformer, CLIP skip, weights with the mean restored per chunk."""
+        tokens = torch.tensor([c.tokens for c in chunks], device=self.device)
+        self._pending_fixes = [[(offset, self._vectors[name]) for offset, name in c.fixes] for c in chunks]
+        try:
+            if self.clip_skip > 1:
+                out = self.transformer(input_ids=tokens, output_hidden_states=True)
+                z = _inner(self.transformer).final_layer_norm(out.hidden_states[-self.clip_skip])
+            else:
+                z = self.transformer(input_ids=tokens).last_hidden_state
+        finally:
+            self._pending_fixes = None
+        multipliers = torch.tensor([c.multipliers for c in chunks], device=z.device, dtype=z.dtype)
+        original_mean = z.mean(dim=(1, 2), keepdim=True)
+        z = z * multipliers[..., None]
+        return z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
+        """[B, 77·k, hidden]; k = the most chunks any prompt needs (at least `min_chunks`), shorter rows
+        padded with empty chunks — pass the other side's k to pad cond/uncond alike."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not 1 <= self.clip_skip <= _inner(self.transformer).config.num_hidden_layers:
+            raise ValueError(f"clip_skip must be in 1..{_inner(self.transformer).config.num_hidden_layers}")
+        rows = [self.tokenize_line(p)[0] for p in prompts]
+        k = max([min_chunks] + [len(r) for r in rows])
+        rows = [r + [self.empty_chunk() for _ in range(k - len(r))] for r in rows]
+        z = self.encode_chunks([c for r in rows for c in r])
+        return z.reshape(len(prompts), k * (CHUNK_LENGTH + 2), z.shape[-1])
+
+    def forward(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
+        return self.encode(prompts, min_chunks)
+
+    def pad_chunks(self, cond: torch.Tensor, chunks: int) -> torch.Tensor:
+        """Append empty-chunk encodings to `cond` [B, 77·j, hidden] until it has `chunks` chunks."""
+        have = cond.shape[1] // (CHUNK_LENGTH + 2)
+        if have >= chunks:
+            return cond
+        with torch.no_grad():
+            empty = self.encode_chunks([self.empty_chunk()]).to(cond)
+        return torch.cat([cond, empty.repeat(cond.shape[0], chunks - have, 1)], dim=1)

@@ -1,0 +1,158 @@
+"""Our pure-Python BERT Chinese tokenizer must give transformers' ids exactly."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bdm.text.tokenizer import BertChineseTokenizer, default_vocab_path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "BDM_870.json"
+
+TRICKY = [
+    "",
+    "   \t\n ",
+    "Café naïve RÉSUMÉ Ångström façade Œuvre",
+    "e\u0301cole",  # decomposed accent
+    "ＡＢＣ１２３，（全角）！？：；“引号”【括号】《书名》——……",
+    "你好，世界！Hello, World!",
+    "emoji 😀🐱‍👤 🇨🇳 ❤️ 猫😺",
+    "ctrl\x00chars\x07here\x1b[0m\u200b\ufeff\ufffdend",
+    "tabs\tand\r\nnewlines\u3000ideographic space\xa0nbsp",
+    "2024年3月15日 下午3:45, 价格¥1,299.00 / $199.99 (50% off)",
+    "iPhone15ProMax和MacBookAir M3芯片",
+    "a" * 99,
+    "a" * 100,
+    "a" * 101,
+    "x" + "的" * 3 + "supercalifragilisticexpialidocious" * 4,
+    "[CLS] 你好 [SEP] [MASK]的[PAD] [UNK] [mask] [ CLS ]",
+    "unaffable playing ##ing #hashtag @user foo_bar-baz",
+    "İstanbul ß ﬁ Kelvin\u212a Ω\u2126",
+    "한국어 日本語のテキスト ไทย العربية русский",
+    "𠀀𪜀𫝀 CJK extensions 㐀 丽 豈",
+    "^$`~|\\<>=+*&%#@!",
+    "line\u2028sep\u2029para",
+]
+
+
+def _reference_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vocab")
+    shutil.copy(default_vocab_path(), d / "vocab.txt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return BertChineseTokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """transformers.BertTokenizer on our vocab (Rust-backed in 5.x, Python in 4.x), offline."""
+    transformers = pytest.importorskip("transformers")
+    d = _reference_dir(tmp_path_factory)
+    tok = transformers.BertTokenizer.from_pretrained(str(d), do_lower_case=True, tokenize_chinese_chars=True)
+    assert len(tok) == 21128
+    return lambda s: tok(s, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def hf_python(tmp_path_factory):
+    """transformers' pure-Python BERT tokenizer (4.x BertTokenizer, 5.x BertTokenizerLegacy)."""
+    transformers = pytest.importorskip("transformers")
+    d = _reference_dir(tmp_path_factory)
+    try:
+        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as cls
+    except ImportError:
+        cls = transformers.BertTokenizer
+    tok = cls.from_pretrained(str(d), do_lower_case=True, tokenize_chinese_chars=True)
+    if tok.is_fast:
+        pytest.skip("no pure-Python BertTokenizer in this transformers")
+
+    def encode(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    encode.final_sigma = tok.tokenize("ΑΣ") == tok.tokenize("ας")
+    return encode
+
+
+def test_vocab_and_special_ids(ours):
+    assert ours.vocab_size == 21128
+    assert (ours.pad_id, ours.unk_id, ours.cls_id, ours.sep_id) == (0, 100, 101, 102)
+
+
+def test_simple_examples(ours):
+    assert ours.tokenize("Hello世界, unaffable") == ["hello", "世", "界", ",", "u", "##na", "##ff", "##able"]
+    assert ours.encode("") == []
+    assert ours.encode("a" * 101) == [ours.unk_id]  # over 100 chars -> one [UNK]
+    assert ours.decode(ours.encode("一只猫 playing")) == "一 只 猫 playing"
+
+
+@pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} not present (shared BDM_870 prompts)")
+@pytest.mark.parametrize("column", [1, 3, 4], ids=["concept_zh", "description_zh", "description_en"])
+def test_bdm870_matches_transformers(ours, hf, column):
+    rows = json.loads(DATA.read_text(encoding="utf-8"))
+    assert len(rows) == 870
+    mismatches = [r[column] for r in rows if ours.encode(r[column]) != hf(r[column])]
+    assert not mismatches, f"{len(mismatches)} rows differ, first: {mismatches[0]!r}"
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_tricky_strings_match_transformers(ours, hf, text):
+    assert ours.encode(text) == hf(text)
+
+
+def test_random_unicode_matches_python_reference(ours, hf_python):
+    """Fuzz across scripts, combining marks, controls, spaces, emoji and unassigned code points."""
+    rng = random.Random(1234)
+    pools = [
+        range(0x20, 0x7F),
+        range(0x80, 0x250),
+        range(0x300, 0x370),
+        range(0x370, 0x500),
+        range(0x4E00, 0x4E80),
+        range(0x3000, 0x3040),
+        range(0xFF00, 0xFF70),
+        range(0x20),
+        range(0x1F600, 0x1F610),
+        range(0x2000, 0x2070),
+        range(0x600, 0x700),
+        range(0xE00, 0xE60),
+        range(0xAC00, 0xAC20),
+        range(0x1100, 0x1120),
+        [0x85, 0xA0, 0x2028, 0xFEFF, 0xFFFD, 0x130, 0x3A3],
+    ]
+    checked = 0
+    for _ in range(3000):
+        text = "".join(chr(rng.choice(rng.choice(pools))) for _ in range(rng.randint(0, 14)))
+        if "\u03a3" in text and hf_python.final_sigma:
+            continue  # 5.x's legacy class lowers whole words (final sigma); 4.x and Rust do not
+        assert ours.encode(text) == hf_python(text), repr(text)
+        checked += 1
+    assert checked > 2500
+
+
+def test_capital_sigma_lowers_per_character(ours, hf):
+    for text in ["ΣΑΣ", "ΟΔΥΣΣΕΥΣ", "Σ"]:
+        assert ours.encode(text) == hf(text)
+
+
+def test_custom_vocab_path(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "猫"]
+    (tmp_path / "v.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = BertChineseTokenizer(tmp_path / "v.txt")
+    assert tok.vocab_size == 9 and tok.cls_id == 2
+    assert tok.encode("Unaffable 猫 狗") == [5, 6, 7, 8, 1]
+
+
+def test_vocab_without_special_tokens_is_rejected(tmp_path):
+    (tmp_path / "v.txt").write_text("a\nb\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"\[PAD\]"):
+        BertChineseTokenizer(tmp_path / "v.txt")
+
+
+def test_cache_does_not_change_results(ours):
+    text = "一只可爱的猫在草地上玩耍, a cute cat"
+    assert ours.encode(text) == ours.encode(text) == BertChineseTokenizer().encode(text)
