@@ -32,7 +32,7 @@ def save_bdm(path: str | os.PathLike, bridge: Bridge, text_encoder=None, notes: 
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_family": "sd1",
                 "bridge_config": json.dumps(bridge.config.to_dict())}
     if text_encoder is not None:
-        tensors.update({TEXT_PREFIX + k: v for k, v in text_encoder.model.state_dict().items()})
+        tensors.update({TEXT_PREFIX + k: v for k, v in text_encoder.text_state_dict().items()})
         metadata["text_encoder_config"] = json.dumps(text_encoder.config_dict())
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -95,6 +95,5 @@ def load_text_encoder(path, meta: dict, tensors: dict):
         raise FormatError(f"{path}: this BDM file holds no Chinese text encoder (no text_encoder_config); "
                           "give one with --chinese-clip DIR")
     encoder = ChineseTextEncoder.from_config(json.loads(meta["text_encoder_config"]))
-    load_checked(encoder.model, strip_prefix(tensors, TEXT_PREFIX), str(path),
-                 "Chinese text encoder weights (text_encoder.*)")
+    encoder.load_weights(strip_prefix(tensors, TEXT_PREFIX), f"{path} (text_encoder.*)")
     return encoder

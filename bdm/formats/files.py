@@ -27,18 +27,23 @@ def _existing_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a `.safetensors` file, or of a legacy pickle file loaded with weights_only."""
+def read_state_dict(path: str | os.PathLike, keep=None) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` file, or of a legacy pickle file loaded with weights_only.
+
+    `keep(key) -> bool` reads only some tensors (e.g. the text tower of a CLIP file whose vision
+    tower would cost gigabytes)."""
     path = _existing_file(path)
+    keep = keep or (lambda key: True)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if keep(k)}  # noqa: SIM118 (not a dict)
         except Exception as e:  # safetensors raises its own error types for truncation/garbage
             raise FormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     if path.suffix in PICKLE_SUFFIXES:
         try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+            data = _torch_load_tensors(path)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
             raise FormatError(f"{path}: cannot be read safely (only plain tensors are accepted from "
                               f"pickle files; convert it to .safetensors): {e}") from e
@@ -46,9 +51,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             data = data["state_dict"]
         if not isinstance(data, dict):
             raise FormatError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor) and keep(k)}
     raise FormatError(f"{path}: unknown weights file type {path.suffix!r} "
                       f"(expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)})")
+
+
+def _torch_load_tensors(path: Path):
+    """`torch.load` that never unpickles code; memory-mapped where torch and the file allow it."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (TypeError, RuntimeError):  # torch < 2.1, or a legacy (non-zip) pickle
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..formats.files import read_state_dict
 from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .tokenizer import BertChineseTokenizer
 
@@ -360,7 +361,7 @@ def _read_text_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         for f in files:
             if not f.is_file():
                 raise ValueError(f"{file}: shard {f.name} is missing")
-            for key, tensor in _load_file(f).items():
+            for key, tensor in read_state_dict(f, keep=lambda k: _text_key(k) is not None).items():
                 short = _text_key(key)
                 if short is not None:
                     tensors[short] = tensor
@@ -380,17 +381,3 @@ def _text_key(key: str) -> str | None:
             if rest.split(".", 1)[0] in ("embeddings", "encoder", "pooler"):
                 return rest
     return None
-
-
-def _load_file(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if _text_key(k) is not None}  # noqa: SIM118 (not a dict)
-    # pickled checkpoints: tensors only, never arbitrary objects; mmap avoids reading the
-    # vision tower into memory where torch and the file format allow it
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except (TypeError, RuntimeError):  # torch < 2.1, or a pre-zip (legacy) pickle
-        return torch.load(file, map_location="cpu", weights_only=True)

@@ -405,8 +405,9 @@ class EnglishTextEncoder(nn.Module):
         padded with empty chunks — pass the other side's k to pad cond/uncond alike."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        if not 1 <= self.clip_skip <= _inner(self.transformer).config.num_hidden_layers:
-            raise ValueError(f"clip_skip must be in 1..{_inner(self.transformer).config.num_hidden_layers}")
+        layers = _inner(self.transformer).config.num_hidden_layers
+        if not 1 <= self.clip_skip <= layers + 1:  # layers + 1 = the token embeddings themselves
+            raise ValueError(f"clip_skip must be in 1..{layers + 1}, got {self.clip_skip}")
         rows = [self.tokenize_line(p)[0] for p in prompts]
         k = max([min_chunks] + [len(r) for r in rows])
         rows = [r + [self.empty_chunk() for _ in range(k - len(r))] for r in rows]
