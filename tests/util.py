@@ -48,3 +48,18 @@ def load_assigned(factory, state_dict: dict) -> nn.Module:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def tiny_sd_parts(seed: int = 0):
+    """UNet (SMALL), VAE and English CLIP of a tiny SD1.x-architecture model with random weights."""
+    import transformers
+
+    from bdm.text.clip import EnglishTextEncoder, text_config
+    from bdm.unet import SMALL, UNetModel
+    from bdm.vae import AutoencoderKL, VAEConfig
+    torch.manual_seed(seed)
+    unet = randomize_(UNetModel(SMALL), seed).eval()
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
+    text = EnglishTextEncoder(transformers.CLIPTextModel(text_config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))).eval()
+    return unet, vae, text

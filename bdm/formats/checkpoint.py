@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..unet import UNetConfig, UNetModel
-from .files import FormatError, load_checked, materialize, read_state_dict, strip_prefix
+from .files import (FormatError, load_checked, materialize, read_json, read_state_dict, short_hash,
+                    strip_prefix)
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -144,3 +145,175 @@ def load_unet(checkpoint: str | os.PathLike, state_dict: dict | None = None,
     unet = materialize(lambda: UNetModel(cfg))
     load_checked(unet, unet_sd, str(checkpoint), "UNet weights (model.diffusion_model.*)")
     return unet.eval().requires_grad_(False)
+
+
+@dataclass
+class SDCheckpoint:
+    """The three models of a single-file SD1.x checkpoint, plus what the WebUI shows about it."""
+
+    path: Path
+    unet: UNetModel
+    vae: "object"  # bdm.vae.AutoencoderKL
+    text_encoder: "object"  # bdm.text.clip.EnglishTextEncoder
+    family: Family
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def hash(self) -> str:
+        if not hasattr(self, "_hash"):
+            self._hash = short_hash(self.path)
+        return self._hash
+
+    def modules(self):
+        return [self.unet, self.vae, self.text_encoder]
+
+
+def _clip_config(yaml_params: dict | None, checkpoint: Path, state_dict: dict):
+    """The CLIP text config: from the folder the `.yaml`'s `cond_stage_config.params.version` names
+    (the WebUI's offline convention), else inferred from the shapes."""
+    from ..text.clip import text_config, text_config_from_state_dict
+    version = ((yaml_params or {}).get("cond_stage_config") or {}).get("params", {}).get("version")
+    if version:
+        folder = Path(version) if Path(version).is_absolute() else checkpoint.parent / version
+        if (folder / "config.json").is_file():
+            config = read_json(folder / "config.json")
+            config = config.get("text_config", config)
+            known = {k: v for k, v in config.items() if not k.startswith(("_", "architectures", "transformers_version"))}
+            return text_config(**known)
+    return text_config_from_state_dict(state_dict)
+
+
+def load_checkpoint(path: str | os.PathLike, allow_inpainting: bool = False) -> SDCheckpoint:
+    """UNet, VAE and English CLIP of an SD1.x single-file checkpoint, frozen and in eval mode.
+
+    Architectures come from the `.yaml` beside the file when there is one, else from the shapes.
+    """
+    from ..text.clip import EnglishTextEncoder
+    from ..vae import VAEConfig, load_vae
+    path = Path(path)
+    sd = read_state_dict(path)
+    family = detect_family(sd)
+    require_sd1(family, str(path), allow_inpainting)
+    yaml_path = config_path_for(path)
+    params = read_ldm_yaml(yaml_path) if yaml_path.is_file() else None
+    unet = load_unet(path, sd, unet_config_from_yaml(yaml_path) if params else None, allow_inpainting)
+    vae_cfg = None
+    if params and "first_stage_config" in params:
+        vae_cfg = VAEConfig.from_ldm(params["first_stage_config"]["params"], params.get("scale_factor", 0.18215))
+    try:
+        vae = load_vae(sd, vae_cfg)
+        text = EnglishTextEncoder.from_state_dict(sd, _clip_config(params, path, sd))
+    except KeyError as e:
+        raise FormatError(f"{path}: incomplete SD checkpoint, no tensor {e.args[0]!r}") from None
+    except RuntimeError as e:  # strict load_state_dict of a mismatched part
+        raise FormatError(f"{path}: the VAE or text encoder does not match its architecture: {e}") from None
+    for module in (vae, text):
+        module.eval().requires_grad_(False)
+    return SDCheckpoint(path, unet, vae, text, family)
+
+
+LDM_YAML = """\
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: {latent_size}
+    channels: {in_channels}
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: {scale_factor}
+    use_ema: False
+
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 32 # unused
+{unet}
+        use_spatial_transformer: True
+        use_checkpoint: False
+        legacy: False
+
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: {embed_dim}
+        monitor: val/rec_loss
+        ddconfig:
+{ddconfig}
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+      params:
+        version: {clip_dir}
+"""
+
+
+def _yaml_fields(values: dict, indent: int) -> str:
+    import json
+    return "\n".join(f"{' ' * indent}{k}: {json.dumps(v)}" for k, v in values.items())
+
+
+def ldm_yaml(unet_cfg: UNetConfig, vae_cfg, clip_dir: str, latent_size: int = 64) -> str:
+    """The WebUI's `v1-inference.yaml` for this architecture; `clip_dir` is where the WebUI finds the
+    CLIP tokenizer and config offline (`cond_stage_config.params.version`)."""
+    vae = vae_cfg.to_dict()
+    dd = {k: vae[k] for k in ("double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
+                              "num_res_blocks", "attn_resolutions")}
+    return LDM_YAML.format(latent_size=latent_size, in_channels=unet_cfg.in_channels,
+                           scale_factor=vae_cfg.scale_factor, unet=_yaml_fields(unet_cfg.to_dict(), 8),
+                           embed_dim=vae["embed_dim"], ddconfig=_yaml_fields(dd, 10), clip_dir=clip_dir)
+
+
+def write_clip_folder(folder: str | os.PathLike, text_encoder) -> Path:
+    """A Hugging Face CLIP folder (tokenizer files from the shipped BPE + `config.json`), so the WebUI's
+    `FrozenCLIPEmbedder` can build the tokenizer and model without a hub."""
+    import json
+    from ..text.clip import BOS_TOKEN, EOS_TOKEN, _load_bpe, default_bpe_path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merges, vocab = _load_bpe(str(default_bpe_path()))
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+                                       encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "add_prefix_space": False, "errors": "replace", "do_lower_case": True,
+         "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}))
+    config = text_encoder.transformer.config.to_dict()
+    config["architectures"] = ["CLIPTextModel"]
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def save_checkpoint(path: str | os.PathLike, unet: UNetModel, vae, text_encoder, clip_dir: str | os.PathLike,
+                    latent_size: int = 64) -> Path:
+    """Write an SD1.x single-file checkpoint the WebUI loads offline: the `.safetensors` (LDM keys),
+    the `.yaml` beside it, and the CLIP folder its `version:` points at (relative paths are kept
+    relative to the checkpoint's folder in the file, so the three can move together)."""
+    from .files import atomic_write, save_safetensors
+    path = Path(path)
+    tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    tensors.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    tensors.update({"cond_stage_model." + k: v for k, v in text_encoder.ldm_state_dict().items()})
+    clip_dir = Path(clip_dir)
+    write_clip_folder(clip_dir if clip_dir.is_absolute() else path.parent / clip_dir, text_encoder)
+    yaml_text = ldm_yaml(unet.config, vae.config, str(clip_dir), latent_size)
+    save_safetensors(path, tensors)
+    atomic_write(config_path_for(path), lambda tmp: Path(tmp).write_text(yaml_text, encoding="utf-8"))
+    return path
