@@ -286,13 +286,22 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
-    def forward(self, x, timesteps=None, context=None, **kwargs):
+    def forward(self, x, timesteps=None, context=None, encoder_copies: int = 1, **kwargs):
+        """ε for `x` at `timesteps` under text `context`.
+
+        `encoder_copies=n` promises that the batch is n equal copies as far as the input blocks go
+        (same x, timesteps and context in rows i, i+B, …): CFG rows whose English prompts are equal.
+        The input blocks then run once per copy, which is exactly the work a BDM branch does not
+        change (its residuals enter at the middle block and the skips).
+        """
         emb = time_embedding(self, timesteps, x.shape[0], x.dtype, self.config.model_channels)
-        hs, h = [], x
+        rows = x.shape[0] // encoder_copies
+        h, emb_in, ctx_in = x[:rows], emb[:rows], context[:rows] if context is not None else None
+        hs = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
-            hs.append(h)
-        h = self.middle_block(h, emb, context)
+            h = block(h, emb_in, ctx_in)
+            hs.append(h if encoder_copies == 1 else h.repeat(encoder_copies, 1, 1, 1))
+        h = self.middle_block(hs[-1], emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)

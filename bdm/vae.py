@@ -35,13 +35,13 @@ class VAEConfig:
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
 
     @classmethod
-    def from_dict(cls, params: dict) -> "VAEConfig":
+    def from_dict(cls, params: dict) -> VAEConfig:
         """Read a flat dict (our `to_dict`, or a `ddconfig` plus `embed_dim`), ignoring unknown keys."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in known})
 
     @classmethod
-    def from_ldm(cls, first_stage_params: dict, scale_factor: float = 0.18215) -> "VAEConfig":
+    def from_ldm(cls, first_stage_params: dict, scale_factor: float = 0.18215) -> VAEConfig:
         """Read LDM `first_stage_config.params` (`embed_dim` + nested `ddconfig`)."""
         flat = dict(first_stage_params.get("ddconfig", {}))
         flat["embed_dim"] = first_stage_params.get("embed_dim", flat.get("z_channels", 4))

@@ -59,7 +59,9 @@ def tiny_sd_parts(seed: int = 0):
     from bdm.vae import AutoencoderKL, VAEConfig
     torch.manual_seed(seed)
     unet = randomize_(UNetModel(SMALL), seed).eval()
-    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
+    with torch.no_grad():
+        unet.out[2].weight.mul_(10)  # ε of unit scale, so sampled latents decode to real images
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)).eval()  # f = 8, as SD
     text = EnglishTextEncoder(transformers.CLIPTextModel(text_config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))).eval()
     return unet, vae, text

@@ -42,11 +42,7 @@ def read_state_dict(path: str | os.PathLike, keep=None) -> dict[str, torch.Tenso
         except Exception as e:  # safetensors raises its own error types for truncation/garbage
             raise FormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     if path.suffix in PICKLE_SUFFIXES:
-        try:
-            data = _torch_load_tensors(path)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-            raise FormatError(f"{path}: cannot be read safely (only plain tensors are accepted from "
-                              f"pickle files; convert it to .safetensors): {e}") from e
+        data = read_pickle(path)
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
             data = data["state_dict"]
         if not isinstance(data, dict):
@@ -56,12 +52,18 @@ def read_state_dict(path: str | os.PathLike, keep=None) -> dict[str, torch.Tenso
                       f"(expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)})")
 
 
-def _torch_load_tensors(path: Path):
-    """`torch.load` that never unpickles code; memory-mapped where torch and the file allow it."""
+def read_pickle(path: str | os.PathLike):
+    """A legacy `.pt`/`.ckpt`/`.bin` file's content through `torch.load(weights_only=True)`: tensors,
+    numbers, strings and containers only, never code; memory-mapped where torch and the file allow."""
+    path = _existing_file(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except (TypeError, RuntimeError):  # torch < 2.1, or a legacy (non-zip) pickle
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except (TypeError, RuntimeError):  # torch < 2.1, or a legacy (non-zip) pickle
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise FormatError(f"{path}: cannot be read safely (only plain tensors are accepted from "
+                          f"pickle files; convert it to .safetensors): {e}") from e
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

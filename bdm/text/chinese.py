@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..formats.files import read_state_dict
+from .emphasis import apply_weights
 from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .tokenizer import BertChineseTokenizer
 
@@ -319,24 +320,11 @@ class ChineseTextEncoder(nn.Module):
         b, k, n = ids.shape
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             z = self(ids.reshape(b * k, n)).reshape(b, k, n, -1)
-            z = _apply_weights(z, weights.to(z.device))
+            z = apply_weights(z, weights.to(z.device))
             if self.trim_inner_specials and k > 1:
                 parts = [z[:, 0, :-1]] + [z[:, c, 1:-1] for c in range(1, k - 1)] + [z[:, -1, 1:]]
                 return torch.cat(parts, dim=1)
             return z.reshape(b, k * n, -1)
-
-
-def _apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A1111 emphasis on [B, k, 52, H]: scale tokens, then keep each (row, chunk) mean."""
-    if bool((weights == 1.0).all()):
-        return z  # bit-exact no-op for unweighted prompts
-    zf = z.float()
-    before = zf.mean(dim=(-2, -1), keepdim=True)
-    zf = zf * weights.unsqueeze(-1)
-    after = zf.mean(dim=(-2, -1), keepdim=True)
-    safe = torch.where(after == 0, torch.ones_like(after), after)
-    zf = zf * torch.where(after == 0, torch.ones_like(after), before / safe)
-    return zf.to(z.dtype)
 
 
 def _read_text_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -19,11 +19,14 @@ One deliberate difference: A1111 restores the mean over the whole batch of a chu
 encoding depends on the other prompts encoded with it; here it is restored per row. Identical when a
 batch holds one distinct prompt (A1111's usual case).
 
-The tokenizer is the OpenAI CLIP algorithm without ftfy: NFC, whitespace runs → one space, strip,
-lower-case, the CLIP regex, byte-level BPE with `</w>`. That is exactly what transformers' fast
-`CLIPTokenizer` does; transformers' slow tokenizer with ftfy installed also applies `ftfy.fix_text`
-(mojibake repair, full-width → ASCII, curly → straight quotes, HTML entities), which changes ids only for
-such text.
+The tokenizer is the OpenAI CLIP algorithm without the ftfy dependency: text fixes, NFC, whitespace runs
+→ one space, strip, lower-case, the CLIP regex, byte-level BPE with `</w>`. The WebUI tokenizes with
+transformers 4.x's Python `CLIPTokenizer`, which runs `ftfy.fix_text` (ftfy comes with open_clip in
+every WebUI install). Its deterministic fixes that matter for prompts are re-implemented here
+(`fix_text=True`, the default): curly → straight quotes, full-width → normal width (`，` → `,`, a
+comma for the chunker too), Latin ligatures. Not re-implemented: ftfy's heuristic mojibake repair and
+HTML-entity decoding. With `fix_text=False` the ids are exactly those of transformers' Rust-backed
+CLIP tokenizer.
 """
 from __future__ import annotations
 
@@ -31,11 +34,14 @@ import gzip
 import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 import regex
 import torch
 from torch import nn
+
+from .emphasis import apply_weights
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 CHUNK_LENGTH = 75  # prompt tokens per chunk; +BOS +EOS = 77 positions
@@ -68,7 +74,8 @@ def bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=2)
 def _load_bpe(path: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     """(merges, vocabulary in id order) built from the gz merges file the way OpenAI/open_clip do."""
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = tuple(tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1])
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
@@ -77,16 +84,38 @@ def _load_bpe(path: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     return merges, tuple(vocab)
 
 
-def clean_text(text: str) -> str:
-    """CLIP's text normalisation without ftfy: NFC, whitespace runs → one space, strip, lower-case."""
+def _width_map() -> dict[int, str]:
+    """ftfy's `fix_character_width` table: half/full-width forms → their normal form, U+3000 → space."""
+    table = {0x3000: " "}
+    for code in range(0xFF01, 0xFFF0):
+        normal = unicodedata.normalize("NFKC", chr(code))
+        if normal != chr(code):
+            table[code] = normal
+    return table
+
+
+_QUOTES = {**{c: "'" for c in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)},
+           **{c: '"' for c in (0x201C, 0x201D, 0x201E, 0x201F)}}
+_LIGATURES = {ord(k): v for k, v in {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ",
+                                      "ǅ": "Dž", "ǆ": "dž", "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj",
+                                      "ǌ": "nj", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl",
+                                      "ﬅ": "ſt", "ﬆ": "st"}.items()}
+_FIXES = {**_LIGATURES, **_width_map()}
+
+
+def clean_text(text: str, fix_text: bool = True) -> str:
+    """CLIP's text normalisation: (ftfy's deterministic fixes,) NFC, whitespace → one space, strip, lower."""
+    if fix_text:  # ftfy order: ligatures, width, quotes
+        text = text.translate(_FIXES).translate(_QUOTES)
     return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip().lower()
 
 
 class CLIPTokenizer:
     """OpenAI CLIP byte-level BPE (vocab 49408, BOS 49406, EOS 49407), pure Python, offline."""
 
-    def __init__(self, bpe_path: str | Path | None = None):
+    def __init__(self, bpe_path: str | Path | None = None, fix_text: bool = True):
         merges, vocab = _load_bpe(str(bpe_path or default_bpe_path()))
+        self.fix_text = fix_text
         self.merges = merges
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = dict(enumerate(vocab))
@@ -110,7 +139,7 @@ class CLIPTokenizer:
             return self._cache[token]
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         while len(word) > 1:
-            pairs = set(zip(word, word[1:]))
+            pairs = set(pairwise(word))
             bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if bigram not in self.bpe_ranks:
                 break
@@ -133,7 +162,7 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS (A1111 tokenizes with `add_special_tokens=False`)."""
         ids = []
-        for piece in _PAT.findall(clean_text(text)):
+        for piece in _PAT.findall(clean_text(text, self.fix_text)):
             piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
         return ids
@@ -151,10 +180,10 @@ class CLIPTokenizer:
 # The text tower
 
 
-SD1_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                layer_norm_eps=1e-5, projection_dim=768, bos_token_id=49406, eos_token_id=49407,
-                pad_token_id=49407)
+SD1_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5, "projection_dim": 768, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 49407}
 
 
 def text_config(**overrides):
@@ -173,7 +202,10 @@ def _strip(state_dict: dict) -> dict:
     for prefix in ("transformer.", "text_model."):
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    return {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    if "embeddings.token_embedding.weight" not in state_dict:  # e.g. SD2/SDXL OpenCLIP, or no text tower
+        raise KeyError(PREFIX + "text_model.embeddings.token_embedding.weight")
+    return state_dict
 
 
 def text_config_from_state_dict(state_dict: dict, **overrides):
@@ -214,7 +246,8 @@ def load_text_model(transformer: nn.Module, state_dict: dict) -> None:
 
 @dataclass
 class PromptChunk:
-    """75 prompt tokens (before BOS/EOS are added), their weights, and TI vectors to place."""
+    """One 77-position window: token ids ([BOS] + 75 + [EOS] once closed), a weight per position, and
+    the Textual Inversion vectors to place (A1111's `PromptChunk`)."""
 
     tokens: list[int] = field(default_factory=list)
     multipliers: list[float] = field(default_factory=list)
@@ -241,7 +274,7 @@ class EnglishTextEncoder(nn.Module):
         self._hook = _inner(self.transformer).embeddings.token_embedding.register_forward_hook(self._apply_fixes)
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict, config=None, **kwargs) -> "EnglishTextEncoder":
+    def from_state_dict(cls, state_dict: dict, config=None, **kwargs) -> EnglishTextEncoder:
         """From a full SD1 checkpoint (`cond_stage_model.transformer.[text_model.]*`) or a bare tower."""
         from transformers import CLIPTextModel
         transformer = CLIPTextModel(config or text_config_from_state_dict(state_dict))
@@ -276,6 +309,8 @@ class EnglishTextEncoder(nn.Module):
         if vectors.ndim != 2 or vectors.shape[1] != self.hidden_size:
             raise ValueError(f"embedding {name!r} has shape {tuple(vectors.shape)}; this text encoder needs "
                              f"[n, {self.hidden_size}] (an SD1.x embedding for an SD1.x model)")
+        if vectors.shape[0] > CHUNK_LENGTH:
+            raise ValueError(f"embedding {name!r} has {vectors.shape[0]} vectors; at most {CHUNK_LENGTH} fit a chunk")
         ids = self.tokenizer.encode(name)
         if not ids:
             raise ValueError(f"embedding name {name!r} has no tokens")
@@ -394,10 +429,7 @@ class EnglishTextEncoder(nn.Module):
                 z = self.transformer(input_ids=tokens).last_hidden_state
         finally:
             self._pending_fixes = None
-        multipliers = torch.tensor([c.multipliers for c in chunks], device=z.device, dtype=z.dtype)
-        original_mean = z.mean(dim=(1, 2), keepdim=True)
-        z = z * multipliers[..., None]
-        return z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+        return apply_weights(z, torch.tensor([c.multipliers for c in chunks], device=z.device, dtype=z.dtype))
 
     @torch.no_grad()
     def encode(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""Text-to-image with a BDM branch on any SD1.x checkpoint: the headless twin of the WebUI path.
+
+Four prompts: English positive/negative go to the backbone (default "" as in training), Chinese
+positive/negative to the branch. One CFG pair per image; rows `[0, B)` are cond, `[B, 2B)` uncond —
+the WebUI's layout. Plugins stay where the community puts them: LoRA and Textual Inversion in the
+backbone and its English prompt, ControlNets as further branches reading the English context.
+With equal English prompts (the default), the backbone's input blocks run once per CFG pair
+(`encoder_copies=2`): they see the same x, t and English context in both rows, and a branch changes
+nothing before the middle block.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .bridge import Bridge
+from .formats.checkpoint import SDCheckpoint
+from .inject import attach
+from .sampling import SAMPLERS, EpsDenoiser, sample
+
+
+@dataclass
+class Request:
+    """One generation: prompts, guidance and sampling settings (WebUI names and defaults)."""
+
+    prompt: str = ""  # Chinese, to the branch
+    negative_prompt: str = ""  # Chinese
+    en_prompt: str = ""  # English, to the backbone: LoRA trigger words, TI names, style words
+    en_negative_prompt: str = ""
+    strength: float = 1.0  # the branch's residual multiplier
+    cfg_scale: float = 7.5
+    steps: int = 20
+    sampler: str = "Euler a"
+    seed: int = 0
+    batch_size: int = 1
+    width: int = 512
+    height: int = 512
+    shared_encoder: bool = True
+
+    def check(self, latent_factor: int = 8) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        for name in ("steps", "batch_size", "width", "height"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.width % latent_factor or self.height % latent_factor:
+            raise ValueError(f"width and height must be multiples of {latent_factor}, "
+                             f"got {self.width}x{self.height}")
+
+
+@dataclass
+class Control:
+    """A ControlNet branch with its control image ([1, 3, H, W] in [0, 1], at the output size)."""
+
+    model: Bridge
+    image: torch.Tensor
+    strength: float = 1.0
+    name: str = ""
+
+
+def row_generators(seed: int, rows: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded seed + i, drawing its initial and ancestral noise — the
+    WebUI's CPU RNG, so a seed gives the same image on every device and in every batch position."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(rows)]
+
+
+def to_images(decoded: torch.Tensor) -> list[Image.Image]:
+    pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy())) for p in pixels]
+
+
+def control_image(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """A control image as ControlNets take it: RGB, resized to the output size, values in [0, 1]."""
+    rgb = image.convert("RGB").resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+class Pipeline:
+    """An SD1.x checkpoint, optionally a BDM branch and ControlNets; `pipeline(request) -> images`."""
+
+    def __init__(self, checkpoint: SDCheckpoint, bridge: Bridge | None = None, controls: list[Control] = (),
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 text_device: str | torch.device = "cpu"):
+        self.checkpoint, self.bridge, self.controls = checkpoint, bridge, list(controls)
+        self.device, self.dtype = torch.device(device), dtype
+        checkpoint.unet.to(self.device, dtype)
+        checkpoint.vae.to(self.device, dtype)
+        checkpoint.text_encoder.to(self.device)  # English CLIP stays fp32: it runs once per generation
+        for branch in [bridge] + [c.model for c in self.controls]:
+            if branch is not None:
+                branch.to(self.device, dtype)
+        if bridge is not None:
+            if bridge.text_encoder is None:
+                raise ValueError("the BDM branch has no Chinese text encoder; give one with --chinese-clip")
+            bridge.text_encoder.to(text_device)
+        self.denoiser = EpsDenoiser(checkpoint.unet).to(self.device)
+
+    @property
+    def latent_factor(self) -> int:
+        return self.checkpoint.vae.config.downscale
+
+    def encode_prompts(self, request: Request):
+        """English contexts for the backbone and Chinese contexts for the branch, cond rows then uncond."""
+        b = request.batch_size
+        english = self.checkpoint.text_encoder.encode([request.en_prompt] * b + [request.en_negative_prompt] * b)
+        chinese = None
+        if self.bridge is not None:
+            chinese = self.bridge.text_encoder.encode([request.prompt] * b + [request.negative_prompt] * b)
+        return english.to(self.device, self.dtype), chinese
+
+    @torch.no_grad()
+    def latents(self, request: Request, callback=None) -> torch.Tensor:
+        request.check(self.latent_factor)
+        english, chinese = self.encode_prompts(request)
+        shared = request.shared_encoder and request.en_prompt == request.en_negative_prompt
+        copies = 2 if shared else 1
+
+        def cfg_model(x, sigma):
+            out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=english,
+                                encoder_copies=copies)
+            cond, uncond = out.chunk(2)
+            return uncond + request.cfg_scale * (cond - uncond)
+
+        f = self.latent_factor
+        generators = row_generators(request.seed, request.batch_size)
+        noise = torch.stack([torch.randn((4, request.height // f, request.width // f), generator=g)
+                             for g in generators])
+        with contextlib.ExitStack() as stack:
+            if self.bridge is not None and request.strength != 0:
+                stack.enter_context(attach(self.checkpoint.unet, self.bridge, chinese, request.strength))
+            for control in self.controls:
+                hint = control.image.to(self.device, self.dtype)
+                stack.enter_context(attach(self.checkpoint.unet, control.model, lambda x, t, en: en,
+                                           control.strength, hint=hint))
+            latents = sample(request.sampler, cfg_model, noise.to(self.device, self.dtype), request.steps,
+                             sigma_schedule=self.denoiser, callback=callback, generator=generators)
+        return latents
+
+    @torch.no_grad()
+    def __call__(self, request: Request, callback=None) -> list[Image.Image]:
+        latents = self.latents(request, callback)
+        return to_images(self.checkpoint.vae.decode(latents.to(self.dtype)))
