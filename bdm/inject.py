@@ -138,7 +138,11 @@ class Attachment:
                 raise RuntimeError(f"BDM: output block {j} got {h.shape[0]} rows, the branch ran on "
                                    f"{r.shape[0]}: the UNet was called in an unexpected way")
             c = r.shape[1]
-            h = torch.cat([h[:, :-c], h[:, -c:] + r.to(h.dtype)], dim=1)
+            if torch.is_grad_enabled() and (h.requires_grad or r.requires_grad):
+                h = torch.cat([h[:, :-c], h[:, -c:] + r.to(h.dtype)], dim=1)
+            else:  # inference: h is the fresh cat([h, skip]) the UNet made for this block alone
+                h[:, -c:] += r.to(h.dtype)
+                return None
             if args:
                 return (h, *args[1:]), kwargs
             return args, {**kwargs, "x": h}
