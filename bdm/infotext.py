@@ -12,12 +12,11 @@ import re
 # A1111's own pattern for one "Key: value" pair of the last line.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
-BDM_KEYS = ("BDM prompt", "BDM negative prompt", "BDM model", "BDM model hash", "BDM strength")
-
-
 def quote(value) -> str:
+    """A1111's quoting, plus values it would not bring back intact (surrounding quotes or spaces)."""
     text = str(value)
-    if "," not in text and "\n" not in text and ":" not in text:
+    fragile = text != text.strip() or (len(text) >= 2 and text[0] == text[-1] == '"')
+    if "," not in text and "\n" not in text and ":" not in text and not fragile:
         return text
     return json.dumps(text, ensure_ascii=False)
 

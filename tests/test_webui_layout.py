@@ -1,0 +1,243 @@
+"""The batch-row → Chinese-context mapping against the CFG-denoiser layouts recorded from a real WebUI
+v1.10.1 (tests/fixtures/webui_layouts/*.json), and the hooking of one generation (`BdmRun`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bdm
+from bdm.unet import UNetConfig, UNetModel
+from bdm.webui.context import ContextBank, EncodingCache
+from bdm.webui.hooking import BdmRun, BdmRunError
+from bdm.webui.layout import CallRows, RowRole, cond_counts, row_offset, row_roles
+from tests.util import build_random
+
+# One level, every block type: enough for hooks and residuals, fast on a CPU.
+TINY = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
+                  num_heads=1, context_dim=64)
+CACHE = EncodingCache(256)
+FIXTURES = sorted((Path(__file__).parent / "fixtures" / "webui_layouts").glob("*.json"))
+
+
+def _recorded_role(r: dict) -> RowRole:
+    return RowRole(r["role"], r["image"], r.get("subprompt", 0))
+
+
+def _calls(path):
+    doc = json.loads(path.read_text())
+    return doc, doc["denoiser_calls"]
+
+
+def test_all_26_fixtures_present():
+    assert len(FIXTURES) == 26
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
+def test_row_roles_match_every_recorded_unet_call(path):
+    """For every recorded UNet call: the rows our tracker assigns it (data-pointer offset where the
+    call's x is a view, and the in-order cursor alone) and their roles are exactly the recorded ones."""
+    doc, calls = _calls(path)
+    assert calls
+    for call in calls:
+        recorded = [_recorded_role(r) for r in call["row_roles"]]
+        assert [r["row"] for r in call["row_roles"]] == list(range(call["x_in_rows"]))
+        counts = cond_counts(call["conds_list"], call["N_c"], call["B"])
+        roles = row_roles(counts)
+        assert roles == recorded
+        # without conds_list (even split from N_c and B): the same, since API batches share one prompt
+        assert row_roles(cond_counts(None, call["N_c"], call["B"])) == recorded
+        cursor = CallRows(roles)  # no base tensor: the in-order cursor only
+        located = [cursor.locate(rows=inner["rows"]) for inner in call["inner_calls"]]
+        for inner, (a, b) in zip(call["inner_calls"], located):
+            assert inner["row_offset"] == a and b - a == inner["rows"]
+        for unet in call["unet_calls"]:
+            a, b = located[unet["inner_call_index"]]
+            assert b - a == unet["rows"]
+            assert roles[a:b] == recorded[a:b]
+        if call["uncond_skipped"]:
+            assert located == [(0, call["N_c"])]
+
+
+def test_row_offset_of_views():
+    x_in = torch.randn(6, 4, 8, 8)
+    assert row_offset(x_in, x_in) == 0
+    assert row_offset(x_in[2:4], x_in) == 2
+    assert row_offset(x_in[:-2], x_in) == 0
+    assert row_offset(x_in[-2:], x_in) == 4
+    assert row_offset(x_in[2:4] * 1.0, x_in) is None  # a new tensor (k-diffusion's x * c_in)
+    assert row_offset(x_in[:, :2], x_in) is None  # not a row slice
+    rows = CallRows(row_roles([2, 2]), x_in)  # 6 rows
+    assert rows.locate(x_in[2:4]) == (2, 4)  # pointer wins over the cursor
+    assert rows.locate(x_in[0:2].clone()) == (4, 6)  # no view: cursor continues after the last call
+    with pytest.raises(ValueError):
+        rows.locate(rows=1)
+
+
+def test_edit_model_layout():
+    roles = row_roles([1, 2], uncond_blocks=2)
+    assert roles == [RowRole("cond", 0, 0), RowRole("cond", 1, 0), RowRole("cond", 1, 1),
+                     RowRole("uncond", 0), RowRole("uncond", 1), RowRole("uncond", 0), RowRole("uncond", 1)]
+    with pytest.raises(ValueError):
+        cond_counts(None, 3, 2)
+
+
+# -- one generation, hooked into a real LDM-layout UNet -------------------------------------------
+@pytest.fixture(scope="module")
+def parts():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention
+    yield _parts()
+    torch.set_num_threads(threads)
+
+
+def _parts():
+    torch.manual_seed(0)
+    unet = build_random(lambda: UNetModel(TINY), seed=1)
+    bridge = bdm.from_backbone(unet, 64).eval()
+    with torch.no_grad():
+        for p in list(bridge.zero_convs.parameters()) + list(bridge.middle_block_out.parameters()):
+            p.normal_(0, 0.05)
+    from bdm.text.chinese import ChineseTextEncoder
+    return unet, bridge, ChineseTextEncoder.tiny(seed=0)
+
+
+class KDiffusionLikeInner(nn.Module):
+    """Like k-diffusion's CompVisDenoiser: the UNet gets `x * c_in`, a new tensor (no row view)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, sigma, cond):
+        return self.unet(x * 0.5, sigma, context=cond)
+
+
+def _prompts(n_images):
+    return [f"第{i}张，红色的圆形" for i in range(n_images)], [f"第{i}张的反向" for i in range(n_images)]
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
+def test_bdmrun_gives_each_unet_call_its_rows_contexts(path, parts):
+    """Replays every recorded denoiser call through `BdmRun` (inner calls on row views of x_in, as
+    recorded; the UNet gets a new tensor as under k-diffusion): each UNet call's Chinese contexts are
+    the positive prompt of its cond rows' images and the negative prompt of its uncond rows' images."""
+    unet, bridge, enc = parts
+    doc, calls = _calls(path)
+    batch, n_iter = doc["request"].get("batch_size", 1), doc["request"].get("n_iter", 1)
+    positive, negative = _prompts(batch * n_iter)
+    bank = ContextBank(enc, positive + negative, CACHE)
+    run = BdmRun(bridge, bank, positive, negative, strength=1.0, log=lambda m: None)
+    asked = []
+    real_rows = bank.rows
+    bank.rows = lambda idx: (asked.append(list(idx)), real_rows(idx))[1]
+    run.record_rows = True
+    inners = {}
+    try:
+        for call in calls:
+            inner = inners.setdefault(call["pass"], KDiffusionLikeInner(unet))  # a new one per pass
+            run.ensure_attached(unet)
+            x_in = torch.randn(call["x_in_rows"], 4, 4, 4)
+            counts = cond_counts(call["conds_list"], call["N_c"], call["B"])
+            run.image_offset = call["iteration"] * batch
+            run.begin_call(x_in, counts, inner)
+            with torch.no_grad():
+                for ic in call["inner_calls"]:
+                    a, n = ic["row_offset"], ic["rows"]
+                    inner(x_in[a:a + n], torch.full((n,), 500.0), torch.zeros(n, 77, 64))
+            expected = [[_recorded_role(r) for r in call["row_roles"]][ic["row_offset"]:ic["row_offset"] + ic["rows"]]
+                        for ic in call["inner_calls"]]
+            got = run.rows_seen[-len(expected):]
+            assert got == expected
+            want_prompts = [[(positive if r.is_cond else negative)[call["iteration"] * batch + r.image] for r in rows]
+                            for rows in expected]
+            assert [[bank.prompts[i] for i in idx] for idx in asked[-len(expected):]] == want_prompts
+    finally:
+        run.close()
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
+    assert all(not i._forward_pre_hooks and not i._forward_hooks for i in inners.values())
+
+
+def test_bdmrun_output_equals_explicit_contexts(parts):
+    """The residuals a UNet call gets through the row lookup equal those of `bdm.attach` given the
+    expected per-row contexts directly (batch_cond_uncond off: chunks of B rows, AND prompts)."""
+    unet, bridge, enc = parts
+    positive, negative = ["红色的圆形", "蓝色的正方形"], ["", "模糊"]
+    bank = ContextBank(enc, positive + negative)
+    run = BdmRun(bridge, bank, positive, negative, strength=0.8, log=lambda m: None)
+    inner = KDiffusionLikeInner(unet)
+    counts = [2, 2]  # AND: two cond rows per image
+    x_in = torch.randn(6, 4, 8, 8)
+    t, en = torch.full((2,), 300.0), torch.randn(2, 77, 64)
+    run.ensure_attached(unet)
+    run.begin_call(x_in, counts, inner)
+    with torch.no_grad():
+        outs = [inner(x_in[a:a + 2], t, en) for a in (0, 2, 4)]
+    run.close()
+    ctx = bank.rows([0, 0, 1, 1, 2, 3])  # c0.0 c0.1 c1.0 c1.1 u0 u1
+    with torch.no_grad():
+        for k, a in enumerate((0, 2, 4)):
+            with bdm.attach(unet, bridge, ctx[a:a + 2], 0.8):
+                ref = inner(x_in[a:a + 2], t, en)
+            assert torch.equal(outs[k], ref)
+        plain = inner(x_in[0:2], t, en)
+    assert not torch.equal(outs[0], plain)
+
+
+def test_unet_call_outside_inner_call_gets_nothing(parts):
+    unet, bridge, enc = parts
+    logs = []
+    bank = ContextBank(enc, ["红色", ""])
+    run = BdmRun(bridge, bank, ["红色"], [""], log=logs.append)
+    run.ensure_attached(unet)
+    x, t, en = torch.randn(2, 4, 8, 8), torch.full((2,), 10.0), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        out = unet(x, t, context=en)
+        out2 = unet(x, t, context=en)
+    run.close()
+    with torch.no_grad():
+        assert torch.equal(out, unet(x, t, context=en))
+        assert torch.equal(out2, out)
+    assert len(logs) == 1 and "outside" in logs[0]
+    run.close()  # twice is fine
+
+
+def test_unknown_layout_runs_without_branch(parts):
+    unet, bridge, enc = parts
+    logs = []
+    run = BdmRun(bridge, ContextBank(enc, ["红色", ""]), ["红色"], [""], log=logs.append)
+    inner = KDiffusionLikeInner(unet)
+    run.ensure_attached(unet)
+    x_in = torch.randn(5, 4, 8, 8)
+    run.begin_call(x_in, [1, 1], inner)  # 5 rows cannot be [c0 c1 u0 u1]
+    with torch.no_grad():
+        out = inner(x_in, torch.full((5,), 10.0), torch.zeros(5, 77, 64))
+    run.close()
+    with torch.no_grad():
+        assert torch.equal(out, inner(x_in, torch.full((5,), 10.0), torch.zeros(5, 77, 64)))
+    assert any("unexpected CFG batch" in m for m in logs)
+
+
+def test_error_mode_stops_at_first_denoiser_call(parts):
+    unet, _, _ = parts
+    run = BdmRun(None, None, [], [], error="BDM: no such model")
+    inner = KDiffusionLikeInner(unet)
+    run.hook_inner(inner)
+    with pytest.raises(BdmRunError, match="no such model"):
+        inner(torch.randn(2, 4, 8, 8), torch.full((2,), 1.0), torch.zeros(2, 77, 64))
+    run.close()
+    assert not inner._forward_pre_hooks
+
+
+def test_reattach_follows_unet_swap(parts):
+    unet, bridge, enc = parts
+    other = build_random(lambda: UNetModel(TINY), seed=2)
+    run = BdmRun(bridge, ContextBank(enc, ["红色", ""]), ["红色"], [""])
+    run.ensure_attached(unet)
+    run.ensure_attached(other)  # a refiner / checkpoint switch mid-generation
+    assert not unet._forward_pre_hooks and other._forward_pre_hooks
+    run.close()
+    assert not other._forward_pre_hooks

@@ -1,0 +1,177 @@
+"""Integration tests against a real AUTOMATIC1111 WebUI (v1.10.x), run when `A1111_DIR` points at one.
+
+The session links this project into `A1111_DIR/extensions/bdm`, writes the synthetic test models into
+`A1111_DIR/models/bdm/`, runs the extension's `install.py` through the WebUI's own installer function,
+starts the WebUI with the gradio UI on (127.0.0.1, a free port, `--api`, no `--skip-install`) and stops
+it at the end. Without `A1111_DIR` every test here is skipped; the core suite never needs a WebUI.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+A1111 = os.environ.get("A1111_DIR")
+HAVE_WEBUI = bool(A1111) and Path(A1111, "launch.py").is_file()
+SKIP_REASON = "A1111_DIR is not set to an AUTOMATIC1111 WebUI folder (integration tests need one)"
+LOG = Path(os.environ.get("BDM_WEBUI_LOG", "/tmp/bdm-webui-test.log"))
+
+# The WebUI defaults the layout-sensitive tests rely on (`override_settings` of a key missing from
+# config.json is never restored by the WebUI, so they are set explicitly).
+DEFAULT_OPTS = {"batch_cond_uncond": True, "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
+                "s_min_uncond_all": False, "skip_early_cond": 0.0}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.webui)
+            if not HAVE_WEBUI:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _python(a1111: Path) -> str:
+    venv = a1111.parent / "venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+class WebUI:
+    def __init__(self, url: str, a1111: Path, proc):
+        self.url, self.dir, self.proc = url, a1111, proc
+
+    def call(self, method: str, path: str, payload=None, timeout: float = 600):
+        data = json.dumps(payload).encode() if payload is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+
+    def post(self, path: str, payload=None):
+        status, body = self.call("POST", path, payload)
+        assert status == 200, f"{path}: HTTP {status}: {str(body)[:2000]}"
+        return body
+
+    def get(self, path: str):
+        status, body = self.call("GET", path)
+        assert status == 200, f"{path}: HTTP {status}: {str(body)[:2000]}"
+        return body
+
+    def txt2img(self, **payload):
+        self.post("/sdapi/v1/options", DEFAULT_OPTS)
+        return self.post("/sdapi/v1/txt2img", payload)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.call("GET", "/sdapi/v1/sd-models", timeout=30)[0] == 200
+
+
+def pixels(response) -> list:
+    import numpy as np
+    from PIL import Image
+    return [np.array(Image.open(io.BytesIO(base64.b64decode(b)))) for b in response["images"]]
+
+
+def _link_extension(a1111: Path) -> None:
+    ext = a1111 / "extensions" / "bdm"
+    if ext.is_symlink() or ext.exists():
+        if ext.resolve() != REPO.resolve():
+            pytest.exit(f"{ext} exists and is not this project ({REPO}); move it away first", 2)
+        return
+    ext.symlink_to(REPO, target_is_directory=True)
+
+
+def _run_installer(a1111: Path) -> str:
+    """The extension's install.py run exactly as the WebUI runs installers at start (its own
+    `launch_utils.run_extension_installer`: the WebUI's python, PYTHONPATH, `launch.run_pip`)."""
+    code = ("import sys; sys.argv = ['launch.py']\n"
+            "from modules import launch_utils\n"
+            "assert not launch_utils.args.skip_install\n"
+            "launch_utils.run_extension_installer('extensions/bdm')\n")
+    r = subprocess.run([_python(a1111), "-c", code], cwd=a1111, capture_output=True, text=True, timeout=600)
+    return r.stdout + r.stderr + f"\nexit code {r.returncode}"
+
+
+@pytest.fixture(scope="session")
+def webui():
+    if not HAVE_WEBUI:
+        pytest.skip(SKIP_REASON)
+    sys.path.insert(0, str(REPO))
+    from tests.webui.models import make_test_bdm, make_wrong_file
+    a1111 = Path(A1111).resolve()
+    _link_extension(a1111)
+    make_test_bdm(a1111)
+    make_wrong_file(a1111)
+    installer = _run_installer(a1111)
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               PORT=str(port))
+    # run.sh's flags minus --skip-install (so install paths are live) and minus --nowebui (gradio UI on);
+    # --skip-prepare-environment keeps the WebUI from reinstalling its own requirements offline.
+    cmd = [_python(a1111), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
+           "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
+           "--server-name", "127.0.0.1", "--port", str(port),
+           "--ckpt", "models/Stable-diffusion/tiny-sd1.safetensors"]
+    log = open(LOG, "w")
+    proc = subprocess.Popen(cmd, cwd=a1111, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    server = WebUI(f"http://127.0.0.1:{port}", a1111, proc)
+    server.installer_output = installer
+    server.log = LOG
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"the WebUI exited with {proc.returncode}; see {LOG}")
+            try:
+                if server.call("GET", "/sdapi/v1/sd-models", timeout=10)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail(f"the WebUI did not answer within 300 s; see {LOG}")
+        # the first generation: before the extension was ever used in this server
+        server.baseline_payload = dict(BASE)
+        server.baseline = server.txt2img(**BASE)
+        yield server
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+
+
+BASE = {"prompt": "", "negative_prompt": "", "width": 64, "height": 64, "steps": 4, "sampler_name": "Euler a",
+        "scheduler": "Automatic", "cfg_scale": 7, "seed": 1, "batch_size": 2, "n_iter": 1}
+
+
+def chromium_paths():
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    return browser, driver
