@@ -1,0 +1,83 @@
+"""The training step's model: frozen backbone + trainable branch, and the paper's loss.
+
+`backbone_eps` computes exactly what `bdm.attach(unet, bridge, …)` + `unet(x, t, context)` computes
+(skip residual i onto the skip half entering `output_blocks[n-1-i]`, the middle residual onto
+`middle_block`'s output — tested against `bdm.attach`), but spends no autograd on the part the branch
+cannot influence: the backbone's `time_embed`, `input_blocks` and `middle_block` run under
+`torch.no_grad()` (their inputs are the noisy latents and the constant English "" context). Only the
+decoder half (`output_blocks`, `out`) is recorded, so the loss's gradient flows back through it to the
+branch's residuals; the backbone's parameters never require gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bridge import Bridge
+from ..unet import UNetModel, time_embedding
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: the backbone, the VAE and both text encoders."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def backbone_eps(unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                 down: list[torch.Tensor], mid: torch.Tensor) -> torch.Tensor:
+    """ε of the backbone with the branch's residuals added (strength 1)."""
+    with torch.no_grad():
+        emb = time_embedding(unet, timesteps, x.shape[0], x.dtype, unet.config.model_channels)
+        hs, h = [], x
+        for block in unet.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = unet.middle_block(h, emb, context)
+    h = h + mid.to(h.dtype)
+    n = len(down)
+    for j, block in enumerate(unet.output_blocks):
+        skip = hs.pop() + down[n - 1 - j].to(h.dtype)
+        h = block(torch.cat([h, skip], dim=1), emb, context)
+    return unet.out(h)
+
+
+class NoiseSchedule:
+    """SD1.5's training schedule (scaled-linear β, 1000 steps): q(z_t | z_0)."""
+
+    def __init__(self, device=None):
+        from ..sampling import sd1_alphas_cumprod
+        ac = sd1_alphas_cumprod().to(device)
+        self.num_timesteps = ac.shape[0]
+        self.sqrt_ac, self.sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (z0.ndim - 1)
+        return (self.sqrt_ac[t].view(shape) * z0.float() + self.sqrt_1m_ac[t].view(shape) * noise.float())
+
+
+class BridgeTrainingModel(nn.Module):
+    """What one training step runs; only `bridge` has trainable parameters.
+
+    `english` is the backbone's context, the embedding of "" computed once ([1, 77, H]); it is
+    broadcast to every row. `bridge` may be wrapped by DistributedDataParallel (`self.branch`).
+    """
+
+    def __init__(self, unet: UNetModel, bridge: Bridge, english: torch.Tensor):
+        super().__init__()
+        self.unet = freeze(unet)
+        self.bridge = bridge
+        self.branch: nn.Module = bridge  # replaced by the DDP wrapper under torchrun
+        self.register_buffer("english", english.detach().clone(), persistent=False)
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, chinese: torch.Tensor) -> torch.Tensor:
+        dtype = self.unet.dtype
+        z_t = z_t.to(dtype)
+        down, mid = self.branch(z_t, t, chinese)
+        english = self.english.to(dtype).expand(z_t.shape[0], *self.english.shape[1:])
+        return backbone_eps(self.unet, z_t, t, english, down, mid)
+
+    def loss(self, z_t: torch.Tensor, t: torch.Tensor, chinese: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """ε-prediction MSE (mean over every element), computed in fp32."""
+        return F.mse_loss(self.eps(z_t, t, chinese).float(), noise.float())

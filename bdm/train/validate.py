@@ -1,0 +1,49 @@
+"""Validation images: fixed Chinese prompts through backbone + branch, English "" (as trained)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..inject import attach
+from ..sampling import EpsDenoiser, sample
+
+
+@torch.no_grad()
+def generate(unet, vae, bridge, chinese: torch.Tensor, uncond: torch.Tensor, english: torch.Tensor,
+             latent_size: int, steps: int = 20, cfg_scale: float = 7.5, sampler: str = "DPM++ 2M",
+             seed: int = 0, strength: float = 1.0) -> torch.Tensor:
+    """Images in [0, 1] ([N, 3, H, W]) for N Chinese contexts `chinese` ([N, L, H]); `uncond` is the
+    Chinese "" context ([1, L', H]), `english` the backbone's "" context ([1, 77, H])."""
+    device, dtype = next(unet.parameters()).device, unet.dtype
+    n = chinese.shape[0]
+    length = max(chinese.shape[1], uncond.shape[1])
+    pad = lambda c: torch.cat([c, c[:, -1:].expand(-1, length - c.shape[1], -1)], 1) if c.shape[1] < length else c
+    # Chinese contexts of different lengths cannot share a batch: pad by repeating the last token only
+    # when needed (prompts of one chunk are all 52 long, so this never happens for them).
+    rows = torch.cat([pad(uncond).expand(n, -1, -1), pad(chinese)]).to(device, dtype)
+    en = english.to(device, dtype)
+    eps = EpsDenoiser(lambda x, t: unet(x, t, context=en.expand(x.shape[0], -1, -1))).to(device)
+
+    def denoise(x, sigma):
+        out = eps(torch.cat([x, x]), torch.cat([sigma, sigma]))
+        un, co = out.chunk(2)
+        return un + cfg_scale * (co - un)
+
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, unet.config.in_channels, latent_size, latent_size), generator=g).to(device, dtype)
+    with attach(unet, bridge, rows, strength=strength):
+        latents = sample(sampler, denoise, noise, steps, sigma_schedule=eps, generator=g)
+    images = vae.decode(latents.to(vae.dtype)).float()
+    return ((images + 1) / 2).clamp(0, 1).cpu()
+
+
+def save_grid(images: torch.Tensor, path: Path) -> Path:
+    """One PNG row of images (written atomically)."""
+    import numpy as np
+    from PIL import Image
+
+    from ..formats.files import atomic_write
+    grid = torch.cat(list(images), dim=2)
+    arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))

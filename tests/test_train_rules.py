@@ -1,0 +1,171 @@
+"""The paper's rule, enforced by the trainer: frozen backbone/VAE/encoders, "" English context, only the
+branch learns; the fast path equals bdm.attach; the CLI's minimal call, config files, clear errors."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_support import config, one_thread, shared_backbone, write_colour_set  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rules")
+    return tmp, shared_backbone(tmp_path_factory), write_colour_set(tmp / "data", per_colour=2, size=16)
+
+
+def test_only_the_branch_learns_and_the_english_context_is_empty(setup, tmp_path):
+    from bdm.formats.files import read_state_dict
+    from bdm.text.chinese import ChineseTextEncoder
+    from bdm.train import Trainer
+    _, ckpt, data = setup
+    trainer = Trainer(config(tmp_path, ckpt, data, resolution=16, max_steps=2)).prepare()
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[1]))
+             for name, m in trainer.unet.named_modules() if name.endswith("attn2")]
+    it = iter(trainer.loader)
+    trainer.micro_step(trainer._take(it), sync=True)
+    for h in hooks:
+        h.remove()
+    # every backbone cross-attention saw exactly the embedding of "" (one per row)
+    english = trainer_english = load_english(ckpt)
+    assert seen and all(torch.equal(ctx, english.expand(ctx.shape[0], -1, -1)) for ctx in seen)
+    assert torch.equal(trainer.english, trainer_english)
+    # gradients: every branch parameter has one, nothing frozen has one or asks for one
+    assert all(p.grad is not None for p in trainer.bridge.parameters())
+    for module in (trainer.unet, trainer.vae, trainer.chinese):
+        assert not module.training
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    result = trainer.run()
+    assert result["step"] == 2
+    # the backbone and VAE are bit-identical to the file, the Chinese encoder to the toy one
+    original = read_state_dict(ckpt)
+    for prefix, module in (("model.diffusion_model.", trainer.unet), ("first_stage_model.", trainer.vae)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, original[prefix + k]), k
+    toy = ChineseTextEncoder.tiny(0).model.state_dict()
+    assert all(torch.equal(v, toy[k]) for k, v in trainer.chinese.model.state_dict().items())
+    # …and the branch did move
+    from bdm.bridge import Bridge
+    from bdm.formats.checkpoint import load_unet
+    fresh = Bridge.from_backbone(load_unet(ckpt).float(), 64)
+    moved = [k for k, v in trainer.bridge.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
+    assert any(k.startswith("zero_convs") for k in moved)
+
+
+def load_english(ckpt):
+    from bdm.formats.checkpoint import load_checkpoint
+    return load_checkpoint(ckpt).text_encoder.encode([""])
+
+
+def test_fast_training_forward_equals_attach(setup):
+    """no_grad encoder half + residuals by hand = the hooks of bdm.attach, values and branch gradients."""
+    import bdm
+    from bdm.bridge import Bridge
+    from bdm.formats.checkpoint import load_unet
+    from bdm.train.model import backbone_eps
+    from tests.util import randomize_
+    _, ckpt, _ = setup
+    unet = load_unet(ckpt)
+    bridge = randomize_(Bridge.from_backbone(unet, 32), 3)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+    en, cn = torch.randn(1, 77, 64, generator=g), torch.randn(2, 52, 32, generator=g)
+    down, mid = bridge(x, t, cn)
+    ours = backbone_eps(unet, x, t, en.expand(2, -1, -1), down, mid)
+    ours.square().sum().backward()
+    grads = [p.grad.clone() for p in bridge.parameters()]
+    bridge.zero_grad()
+    with bdm.attach(unet, bridge, cn):
+        ref = unet(x, t, context=en.expand(2, -1, -1))
+    ref.square().sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    assert all(torch.allclose(a, p.grad, atol=1e-5, rtol=1e-4) for a, p in zip(grads, bridge.parameters()))
+
+
+def test_minimal_cli_call_and_config_files(setup, tmp_path, capsys):
+    import bdm
+    from bdm.cli import run
+    from bdm.train.__main__ import main
+    from bdm.train.config import parse_args
+    _, ckpt, data = setup
+    out = tmp_path / "out"
+    rc = run(main, ["--checkpoint", str(ckpt), "--text-encoder", "toy", "--data", str(data), "--output", str(out),
+                    "--max-steps", "2", "--resolution", "16", "--batch-size", "2", "--num-workers", "0",
+                    "--progress", "false", "--device", "cpu", "--ema", "--lr-schedule", "cosine",
+                    "--lr-warmup-steps", "1", "--log-every", "1"])
+    assert rc == 0
+    bridge = bdm.load_bridge(out / "bdm.safetensors")
+    assert bridge.context_dim == 64 and bridge.text_encoder is not None
+    assert bridge.meta["bdm.step"] == "2" and bridge.meta["bdm.ema"] == "true"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
+    # continue from a BDM file, encoder taken from it
+    rc = run(main, ["--checkpoint", str(ckpt), "--init-bdm", str(out / "bdm.safetensors"), "--data", str(data),
+                    "--output", str(tmp_path / "again"), "--max-steps", "1", "--resolution", "16",
+                    "--num-workers", "0", "--progress", "false", "--device", "cpu"])
+    assert rc == 0 and (tmp_path / "again" / "bdm.safetensors").is_file()
+    # config files: YAML and TOML, flags win, typos refused
+    (tmp_path / "c.yaml").write_text(f"checkpoint: {ckpt}\ntext-encoder: toy\ndata: {data}\noutput: o\n"
+                                     "max_steps: 7\nlearning_rate: 3.0e-5\nema: true\n")
+    c = parse_args(["--config", str(tmp_path / "c.yaml"), "--max-steps", "9"])
+    assert (c.max_steps, c.learning_rate, c.ema, c.text_encoder) == (9, 3e-5, True, "toy")
+    (tmp_path / "c.toml").write_text(f'checkpoint = "{ckpt}"\ntext_encoder = "toy"\ndata = "{data}"\n'
+                                     'output = "o"\nepochs = 2\nmixed_precision = "bf16"\n')
+    c = parse_args(["--config", str(tmp_path / "c.toml")])
+    assert (c.epochs, c.mixed_precision, c.max_steps) == (2.0, "bf16", None)
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
+    assert run(main, ["--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown option 'learning_rat'" in capsys.readouterr().err
+
+
+def _error(argv, capsys) -> str:
+    from bdm.cli import run
+    from bdm.train.__main__ import main
+    assert run(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_clear_errors_before_any_work(setup, tmp_path, capsys):
+    from bdm.formats.files import read_state_dict, save_safetensors
+    tmp, ckpt, data = setup
+    out = tmp_path / "out"
+    base = ["--text-encoder", "toy", "--output", str(out), "--max-steps", "1", "--resolution", "16",
+            "--num-workers", "0", "--device", "cpu"]
+    assert "no such backbone" in _error(["--checkpoint", str(tmp / "nope.safetensors"), "--data", str(data)] + base, capsys)
+    assert "no such data" in _error(["--checkpoint", str(ckpt), "--data", str(tmp / "nope.jsonl")] + base, capsys)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"image": "a.png"}\n')
+    assert "dataset is empty" in _error(["--checkpoint", str(ckpt), "--data", str(empty)] + base, capsys)
+    (tmp_path / "empty_dir").mkdir()
+    assert "dataset is empty" in _error(["--checkpoint", str(ckpt), "--data", str(tmp_path / "empty_dir")] + base, capsys)
+    assert "no such Chinese text encoder" in _error(
+        ["--checkpoint", str(ckpt), "--data", str(data), "--text-encoder", str(tmp / "nope")] + base[2:], capsys)
+    sdxl = read_state_dict(ckpt)
+    sdxl["conditioner.embedders.0.x"] = torch.zeros(1)
+    save_safetensors(tmp_path / "xl.safetensors", sdxl)
+    err = _error(["--checkpoint", str(tmp_path / "xl.safetensors"), "--data", str(data)] + base, capsys)
+    assert "SDXL" in err and "SD1.x" in err
+    assert "--max-steps or --epochs" in _error(["--checkpoint", str(ckpt), "--data", str(data), "--text-encoder",
+                                                "toy", "--output", str(out)], capsys)
+    assert not out.exists()  # nothing was written
+
+
+def test_amp_checkpointing_ema_and_validation_images(setup, tmp_path):
+    from PIL import Image
+
+    from bdm.train import Trainer
+    _, ckpt, data = setup
+    result = Trainer(config(tmp_path, ckpt, data, resolution=16, batch_size=2, max_steps=2, mixed_precision="fp16",
+                            gradient_checkpointing=True, ema=True, validation_every=2, validation_steps=3,
+                            validation_prompts=["红色", "蓝色"])).run()
+    assert result["step"] == 2 and all(h["loss"] == h["loss"] for h in result["history"])  # finite
+    grid = Image.open(tmp_path / "out" / "validation" / "step-0000002.png")
+    assert grid.size == (32, 16)  # two 16×16 images in a row
