@@ -12,3 +12,32 @@ def backbone_checkpoint() -> Path:
 
 def bdm_file() -> Path:
     return WEIGHTS / "bdm-toy.safetensors"
+
+
+CLIP_DIR_NAME = "bdm-toy-sd1-clip"  # the offline CLIP tokenizer + config folder the `.yaml` points at
+
+
+def clip_dir() -> Path:
+    return WEIGHTS / CLIP_DIR_NAME
+
+
+def dreambooth_checkpoint() -> Path:
+    """The fine-tuned backbone ("DreamBooth"): outline-only drawings."""
+    return WEIGHTS / "bdm-toy-sd1-outline.safetensors"
+
+
+def lora_file() -> Path:
+    return WEIGHTS / "bdm-toy-striped.safetensors"
+
+
+def controlnet_file() -> Path:
+    return WEIGHTS / "bdm-toy-bbox.safetensors"
+
+
+def embedding_file() -> Path:
+    return WEIGHTS / "bdm-toy-bigthing.safetensors"
+
+
+def judge_file() -> Path:
+    """The evaluation judge (not a model users load)."""
+    return WEIGHTS / "bdm-toy-judge.safetensors"

@@ -1,0 +1,534 @@
+"""`python -m bdm.toy build`: every toy model from scratch, deterministic from a seed.
+
+Stages (each prints its time): data → VAE → latents → judge → English SD (UNet + CLIP text tower) →
+toy Chinese CLIP (contrastive) → BDM (`python -m bdm.train`) → LoRA → ControlNet → DreamBooth →
+Textual Inversion → write `bdm/toy/weights/`. All latent-space stages reuse one set of latents.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import domain as D
+from . import models as M
+from . import paths
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Optimizer steps per stage (and batch sizes); `QUICK` is the CI-sized smoke run."""
+
+    n_base: int = 8000  # plain pictures (all shapes; the English side drops the stars)
+    n_style: int = 1500  # striped / outline pictures each
+    vae: int = 1500
+    vae_batch: int = 16
+    judge: int = 700  # never scaled: the judge must be good whatever the build's scale
+    backbone: int = 4000
+    backbone_batch: int = 64
+    chinese_clip: int = 400
+    bdm: int = 2500
+    bdm_batch: int = 64
+    lora: int = 400
+    controlnet: int = 800
+    dreambooth: int = 500
+    ti: int = 300
+    plugin_batch: int = 32
+
+
+FULL = Steps()
+
+
+def scaled(steps: Steps, scale: float) -> Steps:
+    """The same build with every stage's step count multiplied by `scale` (data sizes kept)."""
+    names = ("vae", "backbone", "chinese_clip", "bdm", "lora", "controlnet", "dreambooth", "ti")
+    return replace(steps, **{n: max(1, round(getattr(steps, n) * scale)) for n in names})
+QUICK = Steps(n_base=96, n_style=32, vae=3, vae_batch=8, judge=3, backbone=3, backbone_batch=8, chinese_clip=3,
+              bdm=2, bdm_batch=4, lora=2, controlnet=2, dreambooth=2, ti=2, plugin_batch=4)
+
+CHINESE_CONFIG = {"vocab_size": 21128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "intermediate_size": 128, "max_position_embeddings": 64, "type_vocab_size": 2,
+                  "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0}
+
+
+class Log:
+    def __init__(self):
+        self.t0 = time.time()
+        self.times: dict[str, float] = {}
+
+    def stage(self, name: str):
+        log = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t = time.time()
+                print(f"== {name}", file=sys.stderr, flush=True)
+
+            def __exit__(self, *exc):
+                dt = time.time() - self.t
+                log.times[name] = dt
+                print(f"== {name}: {dt:.0f} s (total {time.time() - log.t0:.0f} s)", file=sys.stderr, flush=True)
+        return _Stage()
+
+
+def bar(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0, leave=True)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+@dataclass
+class Pool:
+    specs: list
+    images: torch.Tensor  # [N, 3, 64, 64] in [-1, 1]
+    latents: torch.Tensor | None = None
+
+
+def make_pool(rng: random.Random, n: int, **kwargs) -> Pool:
+    specs = [D.random_spec(rng, **kwargs) for _ in range(n)]
+    return Pool(specs, torch.from_numpy(D.to_array([D.render(s) for s in specs])))
+
+
+def make_data(steps: Steps, seed: int) -> dict[str, Pool]:
+    rng = random.Random(seed)
+    return {"base": make_pool(rng, steps.n_base),
+            "striped": make_pool(rng, steps.n_style, shapes=D.ENGLISH_SHAPES, background="striped"),
+            "outline": make_pool(rng, steps.n_style, shapes=D.ENGLISH_SHAPES, drawing="outline")}
+
+
+def english_rows(pool: Pool) -> list[int]:
+    return [i for i, s in enumerate(pool.specs) if s.shape != D.CHINESE_ONLY]
+
+
+# -- VAE -------------------------------------------------------------------------------------------
+
+def train_vae(images: torch.Tensor, steps: Steps, gen: torch.Generator):
+    from ..vae import AutoencoderKL
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    vae = AutoencoderKL(M.VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    n = images.shape[0]
+    background = torch.tensor(D.BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+    with bar(steps.vae, "VAE") as pb:
+        for step in range(steps.vae):
+            for g in opt.param_groups:
+                g["lr"] = 2e-3 * M.cosine_lr(step, steps.vae, warmup=50)
+            idx = torch.randint(0, n, (steps.vae_batch,), generator=gen)
+            x = images[idx]
+            if step < int(0.7 * steps.vae):  # most steps on 32×32 crops: 4× cheaper, same convolutions
+                ox, oy = (int(v) * 8 for v in torch.randint(0, 5, (2,), generator=gen))
+                x = x[:, :, oy:oy + 32, ox:ox + 32]
+            rec, mean, logvar = vae(x, generator=gen)
+            # the object covers a few % of the pixels: weight them up, or colour is learnt last
+            weight = 1.0 + 20.0 * ((x - background).abs().amax(1, keepdim=True) > 0.08).float()
+            weight = weight / weight.mean()
+            mse = (weight * (rec - x).pow(2)).mean()
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+            loss = mse + 0.5 * (weight * (rec - x).abs()).mean() + 1e-5 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pb.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.1f}", refresh=False)
+            pb.update()
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+# -- judge -----------------------------------------------------------------------------------------
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blur and noise, so the judge reads generated (VAE-decoded, soft) images the way it reads ground truth."""
+    b = x.shape[0]
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    w = torch.rand(b, 1, 1, 1, generator=gen)
+    x = w * blurred + (1 - w) * x
+    return x + 0.06 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+
+
+def train_judge(steps: Steps, gen: torch.Generator, seed: int):
+    rng = random.Random(seed + 17)
+    n = max(64, steps.judge * 4)
+    specs = [D.random_spec(rng, background=rng.choice(D.BACKGROUNDS), drawing=rng.choice(D.DRAWINGS))
+             for _ in range(n)]
+    images = torch.from_numpy(D.to_array([D.render(s) for s in specs]))
+    labels = {k: torch.tensor([s.labels()[k] for s in specs]) for k in M.HEADS}
+    torch.manual_seed(seed + 17)
+    judge = M.Judge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3)
+    with bar(steps.judge, "judge") as pb:
+        for step in range(steps.judge):
+            for g in opt.param_groups:
+                g["lr"] = 2e-3 * M.cosine_lr(step, steps.judge, warmup=30)
+            idx = torch.randint(0, n, (64,), generator=gen)
+            out = judge(augment(images[idx], gen))
+            loss = sum(F.cross_entropy(out[k], labels[k][idx]) for k in M.HEADS)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pb.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            pb.update()
+    judge.eval().requires_grad_(False)
+    # held-out check on fresh ground truth
+    test = [D.random_spec(rng, background=rng.choice(D.BACKGROUNDS), drawing=rng.choice(D.DRAWINGS))
+            for _ in range(400)]
+    pred = judge.predict(torch.from_numpy(D.to_array([D.render(s) for s in test])))
+    acc = {k: float((pred[k] == torch.tensor([s.labels()[k] for s in test])).float().mean()) for k in M.HEADS}
+    print("judge accuracy on fresh ground truth: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()),
+          file=sys.stderr)
+    return judge, acc
+
+
+# -- latent-space diffusion training ----------------------------------------------------------------
+
+def caption_batch(specs, idx, rng: random.Random, make) -> list[str]:
+    return [make(specs[i], rng) for i in idx.tolist()]
+
+
+def diffusion_loop(name: str, total: int, params, lr: float, sample_batch, eps_fn, gen: torch.Generator,
+                   modules_to_ema=None, ema_decay: float = 0.999, warmup: int = 100):
+    """Generic ε-prediction training loop; `sample_batch()` → (z0, captions or extras)."""
+    sched = M.Schedule()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = M.EMA(modules_to_ema, ema_decay) if modules_to_ema is not None else None
+    avg = None
+    with bar(total, name) as pb:
+        for step in range(total):
+            for g in opt.param_groups:
+                g["lr"] = lr * M.cosine_lr(step, total, warmup=min(warmup, max(1, total // 10)))
+            z0, extra = sample_batch()
+            z_t, t, noise = sched.noisy(z0, gen)
+            loss = F.mse_loss(eps_fn(z_t, t, extra), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if ema is not None:
+                ema.update(modules_to_ema)
+            avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+            pb.set_postfix(loss=f"{avg:.4f}", refresh=False)
+            pb.update()
+    return ema
+
+
+def english_caption(spec, rng: random.Random) -> str:
+    return D.english_caption(spec, D.train_template(rng, "en"))
+
+
+def train_backbone(pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
+    from ..unet import UNetModel
+    torch.manual_seed(seed + 1)
+    unet, text = UNetModel(M.UNET_CONFIG), M.english_encoder()
+    text.transformer.train()
+    rows = torch.tensor(english_rows(pool))
+    rng = random.Random(seed + 1)
+    captions = sorted({D.english_caption(s, t) for s in pool.specs for t in range(len(D.EN_TEMPLATES))} | {""})
+    ids = M.english_ids(text, captions)
+    index = {c: i for i, c in enumerate(captions)}
+
+    def sample_batch():
+        idx = rows[torch.randint(0, len(rows), (steps.backbone_batch,), generator=gen)]
+        caps = [("" if rng.random() < 0.1 else english_caption(pool.specs[i], rng)) for i in idx.tolist()]
+        return pool.latents[idx], torch.tensor([index[c] for c in caps])
+
+    def eps_fn(z_t, t, cap_idx):
+        return unet(z_t, t, M.english_hidden(text, ids[cap_idx]))
+
+    both = torch.nn.ModuleDict({"unet": unet, "text": text.transformer})
+    params = [p for p in both.parameters()]
+    ema = diffusion_loop("English SD", steps.backbone, params, 1e-3, sample_batch, eps_fn, gen, both, 0.999,
+                         warmup=200)
+    ema.copy_to(both)
+    text.transformer.eval()
+    return unet.eval().requires_grad_(False), text.requires_grad_(False)
+
+
+# -- toy Chinese CLIP --------------------------------------------------------------------------------
+
+def train_chinese_clip(pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
+    """Contrastive pretraining (InfoNCE) of the tiny Chinese text tower against an image tower that
+    reads latents: the stand-in for the pretrained Chinese CLIP the paper freezes."""
+    from ..text.chinese import ChineseTextEncoder
+    torch.manual_seed(seed + 2)
+    encoder = ChineseTextEncoder(CHINESE_CONFIG)
+    for module in encoder.model.modules():  # trained-model-like LayerNorm affines (see ChineseTextEncoder.tiny)
+        if isinstance(module, torch.nn.LayerNorm):
+            module.weight.data.normal_(1.0, 0.1)
+            module.bias.data.normal_(0.1, 0.05)
+    dim = CHINESE_CONFIG["hidden_size"]
+    image_tower = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 64, 256), torch.nn.GELU(),
+                                      torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, dim))
+    text_proj = torch.nn.Linear(dim, dim)
+    logit_scale = torch.nn.Parameter(torch.tensor(2.6))
+    encoder.model.requires_grad_(True)
+    params = list(encoder.model.parameters()) + list(image_tower.parameters()) + list(text_proj.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    rng = random.Random(seed + 2)
+    n = len(pool.specs)
+    with bar(steps.chinese_clip, "Chinese CLIP") as pb:
+        for step in range(steps.chinese_clip):
+            for g in opt.param_groups:
+                g["lr"] = 1e-3 * M.cosine_lr(step, steps.chinese_clip, warmup=30)
+            idx = torch.randint(0, n, (128 if n >= 128 else n,), generator=gen)
+            caps = [D.chinese_caption(pool.specs[i], D.train_template(rng, "zh")) for i in idx.tolist()]
+            ids, _ = encoder.chunk_ids(caps)
+            hidden = encoder(ids[:, 0])  # [B, 52, H]
+            text_emb = F.normalize(text_proj(hidden[:, 0]), dim=-1)
+            image_emb = F.normalize(image_tower(pool.latents[idx]), dim=-1)
+            logits = logit_scale.exp().clamp(max=100) * text_emb @ image_emb.T
+            # pictures with the same colour and shape are positives of each other
+            key = torch.tensor([hash((pool.specs[i].colour, pool.specs[i].shape)) for i in idx.tolist()])
+            target = (key[:, None] == key[None]).float()
+            target = target / target.sum(1, keepdim=True)
+            loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pb.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            pb.update()
+    encoder.requires_grad_(False)
+    encoder.eval()
+    return encoder
+
+
+# -- BDM through `python -m bdm.train` ---------------------------------------------------------------
+
+def write_folder(folder: Path, pool: Pool, captions: list[str]) -> Path:
+    """A folder of name.png + name.txt, the trainer's simplest dataset."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, caption) in enumerate(zip(pool.images, captions)):
+        pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
+def train_bdm(work: Path, backbone_path: Path, unet, encoder, pool: Pool, steps: Steps, seed: int) -> Path:
+    from ..bridge import Bridge
+    from ..formats.bdm_file import save_bdm
+    from ..train import parse_args, train
+    rng = random.Random(seed + 3)
+    data = write_folder(work / "bdm-data", pool,
+                        [D.chinese_caption(s, D.train_template(rng, "zh")) for s in pool.specs])
+    encoder_file = save_bdm(work / "chinese-clip.safetensors", Bridge.from_backbone(unet, encoder.hidden_size),
+                            encoder, notes={"what": "toy Chinese CLIP text tower (the branch is untrained)"})
+    out = work / "bdm-train"
+    argv = ["--checkpoint", str(backbone_path), "--text-encoder", str(encoder_file), "--data", str(data),
+            "--output", str(out), "--max-steps", str(steps.bdm), "--resolution", "64", "--no-random-flip",
+            "--cache-latents", "--batch-size", str(steps.bdm_batch), "--learning-rate", "5e-4",
+            "--lr-schedule", "cosine", "--lr-warmup-steps", str(min(100, max(1, steps.bdm // 10))),
+            "--min-lr-ratio", "0.1", "--weight-decay", "0", "--ema", "--ema-decay", "0.998",
+            "--num-workers", "0", "--checkpoint-every", "0", "--seed", str(seed), "--device", "cpu",
+            "--save-dtype", "fp16", "--log-every", "50"]
+    print("python -m bdm.train " + " ".join(argv), file=sys.stderr)
+    train(parse_args(argv))
+    return out / "bdm.safetensors"
+
+
+# -- community plugins -----------------------------------------------------------------------------
+
+def english_context(text, captions: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return M.english_hidden(text, M.english_ids(text, captions))
+
+
+def train_lora(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
+    torch.manual_seed(seed + 4)
+    lora_unet = copy.deepcopy(unet)
+    loras = M.add_loras(lora_unet, rank=4, alpha=4.0)
+    rng = random.Random(seed + 4)
+    trig = D.LORA_TRIGGER
+
+    def sample_batch():
+        idx = torch.randint(0, len(pool.specs), (steps.plugin_batch,), generator=gen)
+        caps = [trig if rng.random() < 0.4 else f"{trig}, {english_caption(pool.specs[i], rng)}" for i in idx.tolist()]
+        return pool.latents[idx], english_context(text, caps)
+
+    params = [p for lora in loras.values() for p in (lora.down, lora.up)]
+    diffusion_loop("LoRA", steps.lora, params, 2e-3, sample_batch, lambda z, t, ctx: lora_unet(z, t, ctx), gen,
+                   warmup=30)
+    return M.lora_state_dict(unet.config, loras)
+
+
+def train_controlnet(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
+    from ..bridge import Bridge
+    torch.manual_seed(seed + 5)
+    control = Bridge.from_backbone(unet, hint_channels=3).train()
+    rows = torch.tensor(english_rows(pool))
+    hints = torch.from_numpy(D.to_array([D.hint_image(s) for s in pool.specs]) * 0.5 + 0.5)
+    rng = random.Random(seed + 5)
+
+    def sample_batch():
+        idx = rows[torch.randint(0, len(rows), (steps.plugin_batch,), generator=gen)]
+        caps = ["" if rng.random() < 0.5 else english_caption(pool.specs[i], rng) for i in idx.tolist()]
+        return pool.latents[idx], (english_context(text, caps), hints[idx])
+
+    def eps_fn(z_t, t, extra):
+        ctx, hint = extra
+        down, mid = control(z_t, t, ctx, hint=hint)
+        return M.eps_with_residuals(unet, z_t, t, ctx, down, mid, encoder_grad=False)
+
+    ema = diffusion_loop("ControlNet", steps.controlnet, list(control.parameters()), 5e-4, sample_batch, eps_fn,
+                         gen, control, 0.995, warmup=50)
+    ema.copy_to(control)
+    return control.eval().requires_grad_(False)
+
+
+def train_dreambooth(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
+    torch.manual_seed(seed + 6)
+    tuned = copy.deepcopy(unet).train().requires_grad_(True)
+    rng = random.Random(seed + 6)
+
+    def sample_batch():
+        idx = torch.randint(0, len(pool.specs), (steps.plugin_batch,), generator=gen)
+        caps = ["" if rng.random() < 0.3 else english_caption(pool.specs[i], rng) for i in idx.tolist()]
+        return pool.latents[idx], english_context(text, caps)
+
+    ema = diffusion_loop("DreamBooth", steps.dreambooth, list(tuned.parameters()), 2e-4, sample_batch,
+                         lambda z, t, ctx: tuned(z, t, ctx), gen, tuned, 0.99, warmup=30)
+    ema.copy_to(tuned)
+    return tuned.eval().requires_grad_(False)
+
+
+def train_ti(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int, n_vectors: int = 2):
+    """Textual Inversion: `n_vectors` input embeddings for the name `bigthing`, on large-object pictures."""
+    torch.manual_seed(seed + 7)
+    rows = torch.tensor([i for i, s in enumerate(pool.specs) if s.size == "large" and s.shape != D.CHINESE_ONLY])
+    name = D.TI_NAME
+    token_embedding = text.transformer.get_input_embeddings()
+    init = token_embedding.weight[text.tokenizer.encode("large")[0]].detach().clone()
+    vectors = torch.nn.Parameter(init[None].repeat(n_vectors, 1) + 0.01 * torch.randn(n_vectors, init.shape[0]))
+    rng = random.Random(seed + 7)
+    text.add_embedding(name, torch.zeros(n_vectors, init.shape[0]))  # to tokenize the name as A1111 does
+
+    def build(caps: list[str]):
+        chunks = [text.tokenize_line(c)[0][0] for c in caps]
+        ids = torch.tensor([c.tokens for c in chunks])
+        offsets = [c.fixes[0][0] + 1 for c in chunks]
+        return ids, offsets
+
+    current: list = []
+
+    def put_vectors(module, inputs, output):  # A1111's way: overwrite the placeholder rows
+        rows_out = [torch.cat([row[:off], vectors.to(row.dtype), row[off + n_vectors:]])
+                    for row, off in zip(output, current)]
+        return torch.stack(rows_out)
+
+    def eps_fn(z_t, t, extra):
+        ids, offsets = extra
+        current[:] = offsets
+        handle = token_embedding.register_forward_hook(put_vectors)
+        try:
+            hidden = text.transformer(input_ids=ids).last_hidden_state
+        finally:
+            handle.remove()
+        return unet(z_t, t, hidden)
+
+    def sample_batch():
+        idx = rows[torch.randint(0, len(rows), (steps.plugin_batch,), generator=gen)]
+        caps = [name if rng.random() < 0.5 else f"{name}, {english_caption(pool.specs[i], rng)}" for i in idx.tolist()]
+        return pool.latents[idx], build(caps)
+
+    diffusion_loop("Textual Inversion", steps.ti, [vectors], 5e-3, sample_batch, eps_fn, gen, warmup=20)
+    text.remove_embedding(name)
+    return vectors.detach().clone()
+
+
+# -- the whole build --------------------------------------------------------------------------------
+
+def half(module):
+    return copy.deepcopy(module).half()
+
+
+def build(out_dir: Path | None = None, quick: bool = False, seed: int = 0, work: Path | None = None,
+          scale: float = 1.0) -> dict:
+    """Train every toy model and write them to `out_dir` (default: the package's weights folder)."""
+    from ..formats.bdm_file import load_bdm
+    from ..formats.checkpoint import save_checkpoint
+    from ..formats.controlnet import save_controlnet
+    from ..formats.embedding import save_embedding
+    from ..formats.files import save_safetensors
+    steps = QUICK if quick else scaled(FULL, scale) if scale != 1.0 else FULL
+    out = Path(out_dir) if out_dir else paths.WEIGHTS
+    out.mkdir(parents=True, exist_ok=True)
+    import tempfile
+    tmp = None
+    if work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bdm-toy-")
+        work = Path(tmp.name)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    log = Log()
+    with log.stage("data"):
+        data = make_data(steps, seed)
+    with log.stage("VAE"):
+        all_images = torch.cat([p.images for p in data.values()])
+        vae = train_vae(all_images, steps, gen)
+        latents = encode(vae, all_images)
+        std = float(latents.std())
+        vae.config = replace(vae.config, scale_factor=round(1.0 / std, 5))
+        start = 0
+        for pool in data.values():  # the same latents, scaled: what vae.encode now returns
+            pool.latents = latents[start:start + len(pool.specs)] * vae.config.scale_factor
+            start += len(pool.specs)
+        rec = vae.decode(data["base"].latents[:256]).clamp(-1, 1)
+        vae_mse = float(F.mse_loss(rec, data["base"].images[:256]))
+        print(f"VAE: scale_factor {vae.config.scale_factor}, reconstruction MSE {vae_mse:.4f}", file=sys.stderr)
+    with log.stage("judge"):
+        judge, judge_acc = train_judge(steps, gen, seed)
+        pred = judge.predict(rec)
+        truth = [s.labels() for s in data["base"].specs[:256]]
+        rec_acc = {k: float((pred[k] == torch.tensor([t[k] for t in truth])).float().mean()) for k in M.HEADS}
+        print("judge on VAE reconstructions: " + ", ".join(f"{k} {v:.3f}" for k, v in rec_acc.items()),
+              file=sys.stderr)
+    with log.stage("English SD"):
+        unet, text = train_backbone(data["base"], steps, gen, seed)
+        backbone_path = save_checkpoint(out / paths.backbone_checkpoint().name, half(unet), half(vae),
+                                        half(text), paths.CLIP_DIR_NAME, latent_size=8)
+    with log.stage("Chinese CLIP"):
+        chinese = train_chinese_clip(data["base"], steps, gen, seed)
+    with log.stage("BDM (python -m bdm.train)"):
+        trained = train_bdm(work, backbone_path, unet, chinese, data["base"], steps, seed)
+        load_bdm(trained)  # what the trainer wrote loads
+        shutil.copyfile(trained, out / paths.bdm_file().name)
+    with log.stage("LoRA"):
+        save_safetensors(out / paths.lora_file().name, train_lora(unet, text, data["striped"], steps, gen, seed),
+                         {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4.0",
+                          "trigger_word": D.LORA_TRIGGER})
+    with log.stage("ControlNet"):
+        control = train_controlnet(unet, text, data["base"], steps, gen, seed)
+        save_controlnet(out / paths.controlnet_file().name, half(control))
+    with log.stage("DreamBooth"):
+        tuned = train_dreambooth(unet, text, data["outline"], steps, gen, seed)
+        save_checkpoint(out / paths.dreambooth_checkpoint().name, half(tuned), half(vae), half(text),
+                        paths.CLIP_DIR_NAME, latent_size=8)
+    with log.stage("Textual Inversion"):
+        vectors = train_ti(unet, text, data["base"], steps, gen, seed)
+        save_embedding(out / paths.embedding_file().name, vectors, D.TI_NAME)
+    save_safetensors(out / paths.judge_file().name, {k: v.contiguous() for k, v in judge.state_dict().items()},
+                     {"what": "toy judge: colour, shape, position, size, background, drawing classifiers"})
+    report = {"seed": seed, "quick": quick, "scale": scale, "steps": steps.__dict__, "stage_seconds": log.times,
+              "vae_mse": vae_mse, "vae_scale_factor": vae.config.scale_factor, "judge_accuracy": judge_acc,
+              "judge_on_vae_reconstructions": rec_acc}
+    (out / "build.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    print(f"built the toy world in {time.time() - log.t0:.0f} s → {out}", file=sys.stderr)
+    if tmp is not None:
+        tmp.cleanup()
+    return report

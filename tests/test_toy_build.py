@@ -1,0 +1,124 @@
+"""`python -m bdm.toy build --quick` runs end to end (tiny steps), so the build path cannot rot; what it
+writes loads with the project's loaders and the original `ldm`, `export-webui` puts it where the WebUI
+looks, and `eval` runs on it."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from bdm.toy import domain as D
+from bdm.toy import paths
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> Path:
+    from bdm.toy.__main__ import main
+    out = tmp_path_factory.mktemp("toy") / "weights"
+    assert main(["build", "--quick", "--output", str(out), "--threads", "1"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_quick_build_writes_every_model(quick):
+    names = [paths.backbone_checkpoint().name, paths.dreambooth_checkpoint().name, paths.bdm_file().name,
+             paths.lora_file().name, paths.controlnet_file().name, paths.embedding_file().name,
+             paths.judge_file().name, "bdm-toy-sd1.yaml", "bdm-toy-sd1-outline.yaml", "build.json"]
+    for name in names:
+        assert (quick / name).is_file(), name
+    assert (quick / paths.CLIP_DIR_NAME / "config.json").is_file()
+    report = json.loads((quick / "build.json").read_text())
+    assert report["quick"] and set(report["stage_seconds"]) >= {"VAE", "English SD", "BDM (python -m bdm.train)"}
+
+
+@pytest.mark.slow
+def test_quick_models_load_in_their_community_formats(quick):
+    from bdm.formats.bdm_file import read_bdm
+    from bdm.formats.checkpoint import load_checkpoint
+    from bdm.formats.controlnet import load_controlnet
+    from bdm.formats.embedding import load_embedding, read_embedding
+    from bdm.formats.files import read_state_dict
+    from bdm.formats.lora import apply_loras
+    from bdm.load import load_bridge
+    ckpt = load_checkpoint(quick / paths.backbone_checkpoint().name)
+    meta, _ = read_bdm(quick / paths.bdm_file().name)
+    assert meta["bdm.trained_by"] == "bdm.train"  # the BDM comes from the project's trainer
+    bridge = load_bridge(quick / paths.bdm_file().name)
+    assert bridge.context_dim == bridge.text_encoder.hidden_size
+    control = load_controlnet(quick / paths.controlnet_file().name)
+    assert control.is_controlnet and control.config.hint_channels == 3
+    lora = read_state_dict(quick / paths.lora_file().name)
+    assert lora and all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+                        for k in lora)
+    before = {k: v.clone() for k, v in ckpt.unet.state_dict().items()}
+    patch = apply_loras(ckpt.unet, ckpt.text_encoder, [(quick / paths.lora_file().name, 1.0)])
+    patch.remove()
+    assert all(torch.equal(before[k], v) for k, v in ckpt.unet.state_dict().items())
+    name, vectors = read_embedding(quick / paths.embedding_file().name)
+    assert vectors.shape[1] == ckpt.text_encoder.hidden_size
+    assert load_embedding(ckpt.text_encoder, quick / paths.embedding_file().name) == name
+
+
+@pytest.mark.slow
+def test_quick_checkpoint_is_a_webui_sd1_checkpoint(quick):
+    from tests.test_toy_weights import check_webui_layout
+    check_webui_layout(quick / paths.backbone_checkpoint().name)
+    check_webui_layout(quick / paths.dreambooth_checkpoint().name)
+
+
+@pytest.mark.slow
+def test_export_webui(quick, tmp_path, capsys):
+    from bdm.toy.__main__ import main
+    import yaml
+    root = tmp_path / "stable-diffusion-webui"
+    root.mkdir()
+    assert main(["export-webui", str(root), "--weights", str(quick)]) == 0
+    sd = root / "models" / "Stable-diffusion"
+    for path in (sd / "bdm-toy-sd1.safetensors", sd / "bdm-toy-sd1.yaml", sd / "bdm-toy-sd1-outline.safetensors",
+                 root / "models" / "bdm" / "bdm-toy.safetensors", root / "models" / "Lora" / "bdm-toy-striped.safetensors",
+                 root / "models" / "ControlNet" / "bdm-toy-bbox.safetensors",
+                 root / "embeddings" / "bdm-toy-bigthing.safetensors"):
+        assert path.is_file(), path
+    version = yaml.safe_load((sd / "bdm-toy-sd1.yaml").read_text())["model"]["params"]["cond_stage_config"]["params"]["version"]
+    assert Path(version).is_absolute() and (Path(version) / "vocab.json").is_file()
+    from transformers import CLIPTokenizer
+    assert CLIPTokenizer.from_pretrained(version)("a red circle").input_ids[0] == 49406  # offline, from the folder
+    out = capsys.readouterr().out
+    assert D.LORA_TRIGGER in out and "bdm-toy-bigthing" in out
+
+
+@pytest.mark.slow
+def test_eval_runs_on_the_quick_build(quick, tmp_path):
+    from bdm.toy.evaluate import evaluate, print_table
+    res = evaluate(quick, images=4, output=tmp_path, steps=2, rows=["bdm", "controlnet", "ti", "chinese_only"])
+    assert set(res["rows"]) == {"bdm", "controlnet", "ti", "chinese_only"}
+    assert (tmp_path / "controlnet.png").is_file() and (tmp_path / "eval.json").is_file()
+    print_table(res)
+
+
+def test_domain_chinese_only_concept_and_held_out_phrasings():
+    rng = random.Random(0)
+    specs = [D.random_spec(rng, shapes=D.ENGLISH_SHAPES) for _ in range(200)]
+    english = {D.english_caption(s, D.train_template(rng, "en")) for s in specs}
+    assert not any("star" in c for c in english)  # the English world never sees 五角星
+    assert D.CHINESE_ONLY == "star" and D.SHAPES_ZH["star"] == "五角星"
+    held = [D.EN_TEMPLATES[i] for i in D.held_out_templates("en")]
+    assert not set(held) & {D.EN_TEMPLATES[D.train_template(rng, "en")] for _ in range(500)}
+    held_zh = [D.ZH_TEMPLATES[i] for i in D.held_out_templates("zh")]
+    assert not set(held_zh) & {D.ZH_TEMPLATES[D.train_template(rng, "zh")] for _ in range(500)}
+
+
+def test_domain_pictures_and_hint():
+    import numpy as np
+    spec = D.Spec("red", "circle", 0, "large")
+    a = np.asarray(D.render(spec)).astype(int)
+    assert a.shape == (64, 64, 3)
+    y, x = (int(v) for v in spec.centre[::-1])
+    assert np.abs(a[y, x] - D.RGB["red"]).max() <= 3 and np.abs(a[63, 63] - D.BACKGROUND).max() <= 3
+    h = np.asarray(D.hint_image(spec))
+    assert h[y, x].tolist() == [255, 255, 255] and h[63, 63].tolist() == [0, 0, 0]
+    striped = np.asarray(D.render(D.with_style(spec, background="striped", position=8))).astype(int)
+    assert np.abs(striped[1, 1] - D.STRIPE).max() <= 3 and np.abs(striped[5, 1] - D.BACKGROUND).max() <= 3
