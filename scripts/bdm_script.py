@@ -20,7 +20,9 @@ import gradio as gr  # noqa: E402
 from modules import devices, paths, script_callbacks, scripts, shared  # noqa: E402
 
 import bdm.webui as bw  # noqa: E402
+from bdm.webui import debug as bdm_debug  # noqa: E402
 from bdm.webui import infotext as bdm_infotext  # noqa: E402
+from bdm.webui import xyz as bdm_xyz  # noqa: E402
 from bdm.webui.api_args import ArgsError, parse_script_args  # noqa: E402
 from bdm.webui.context import ContextBank, EncodingCache  # noqa: E402
 from bdm.webui.hooking import BdmRun  # noqa: E402
@@ -50,6 +52,7 @@ _cache = EncodingCache(64)
 _manager = ModelManager(1)
 _runs: dict[int, tuple[object, BdmRun]] = {}  # id(p) -> (p, run)
 _entries: list = []
+_debug = bdm_debug.Faults() if bdm_debug.enabled() else None  # test-only (BDM_WEBUI_DEBUG=1)
 
 
 def opt(name, default):
@@ -83,6 +86,12 @@ def refresh_models() -> list:
 
 def model_titles() -> list[str]:
     return [NONE] + [e.title for e in (_entries or refresh_models())]
+
+
+def attach_run(run, unet) -> None:
+    if _debug is not None and not (run.attached and run.attachment.unet is unet):
+        _debug.note_attach(unet)
+    run.ensure_attached(unet)
 
 
 def close_all_runs() -> None:
@@ -216,15 +225,25 @@ class BdmScript(scripts.Script):
         return model, strength
 
     # -- generation ------------------------------------------------------------------------------
+    def before_process(self, p, *args):
+        if _debug is not None and _debug.bdm_first:  # test-only: hook before ControlNet's `process`
+            self.process(p, *args)
+            entry = _runs.get(id(p))
+            if entry is not None and entry[1].bridge is not None and self._refusal(shared.sd_model) is None:
+                attach_run(entry[1], shared.sd_model.model.diffusion_model)
+            p._bdm_started = True
+
     def process(self, p, *args):
-        close_all_runs()  # a generation that failed left its hooks: remove them (runs resume lazily)
-        _runs.pop(id(p), None)
-        if len(_runs) > 4:
-            for key in list(_runs)[:-4]:
-                _runs.pop(key)
+        if getattr(p, "_bdm_started", False):
+            p._bdm_started = False
+            return None
+        # The WebUI runs one generation at a time: a run still here belongs to a generation that failed
+        # (exception, no postprocess). Remove its hooks and forget it (it holds that generation's `p`).
+        close_all_runs()
+        _runs.clear()
         try:
-            a = parse_script_args(args)
-        except ArgsError as e:
+            a = bdm_xyz.apply(parse_script_args(args), getattr(p, bdm_xyz.ATTR, None))
+        except (ArgsError, RuntimeError) as e:
             return self._fail(p, str(e))
         if not a.enabled or a.strength == 0:
             return None
@@ -236,6 +255,9 @@ class BdmScript(scripts.Script):
             traceback.print_exc()
             return self._fail(p, f"BDM: {type(e).__name__}: {e}")
         if run is not None:
+            if _debug is not None:
+                _debug.install(run, lambda: getattr(getattr(shared.sd_model, "model", None), "diffusion_model", None),
+                               shared.state.interrupt, shared.state.skip)
             _runs[id(p)] = (p, run)
         return None
 
@@ -243,9 +265,7 @@ class BdmScript(scripts.Script):
         sd_model = p.sd_model or shared.sd_model
         refusal = self._refusal(sd_model)
         if refusal:
-            log(f"BDM: not applied: {refusal}")
-            p.comment(f"BDM not applied: {refusal}")
-            return None
+            raise BdmModelError(f"BDM: not applied: {refusal}")
         query = a.model if a.model and a.model != NONE else opt("bdm_default_model", NONE)
         try:
             entry = find_model(query, refresh_models())
@@ -302,7 +322,7 @@ class BdmScript(scripts.Script):
         if entry is None or entry[1].bridge is None:
             return
         if self._refusal(shared.sd_model) is None:
-            entry[1].ensure_attached(shared.sd_model.model.diffusion_model)
+            attach_run(entry[1], shared.sd_model.model.diffusion_model)
 
     def postprocess(self, p, processed, *args):
         entry = _runs.pop(id(p), None)
@@ -335,7 +355,7 @@ def on_cfg_denoiser(params):
         run._warn("refused", f"BDM: not applied to this pass: {refusal or 'the branch does not fit this UNet'}")
         run.detach_unet()
         return
-    run.ensure_attached(sd_model.model.diffusion_model)
+    attach_run(run, sd_model.model.diffusion_model)
     n_cond = int(params.text_cond.shape[0])
     batch = int(params.text_uncond.shape[0])
     cond = getattr(d.sampler, "sampler_extra_args", {}).get("cond")
@@ -389,11 +409,62 @@ def on_app_started(demo, app):
                             "chinese_clip": str(e.chinese_clip) if e.chinese_clip else None} for e in entries],
                 "default": opt("bdm_default_model", NONE), "folders": model_dirs()}
 
+    if _debug is not None:
+        _add_debug_routes(app)
     try:
         from bdm.webui.asgi import install_args_middleware
         install_args_middleware(app, TITLE)
     except Exception as e:  # noqa: BLE001
         log(f"BDM: args-object middleware not installed ({e}); use \"args\": [{{...}}]")
+
+
+def _add_debug_routes(app):
+    from fastapi import Body
+
+    @app.get("/bdm/debug/state")
+    def bdm_debug_state():
+        unet = getattr(getattr(shared.sd_model, "model", None), "diffusion_model", None)
+        bridges = [{"path": key[0], "digest": bdm_debug.digest(b), "encoder_digest": bdm_debug.digest(b.text_encoder),
+                    "network_named_modules": bdm_debug.network_named_modules(b),
+                    "dtype": str(next(b.parameters()).dtype), "device": str(next(b.parameters()).device)}
+                   for key, b in _manager._loaded.items()]
+        return {"runs": len(_runs), "unet_hooks": bdm_debug.hook_counts(unet), "bridges": bridges,
+                "last": _debug.last, "started": _debug.started, "bdm_first": _debug.bdm_first,
+                "cache": {"size": len(_cache), "hits": _cache.hits, "misses": _cache.misses}}
+
+    @app.post("/bdm/debug/arm")
+    def bdm_debug_arm(body: dict = Body(...)):
+        _debug.arm(body.get("action", "raise"), int(body.get("at_call", 1)))
+        return {"armed": list(_debug.armed)}
+
+    @app.post("/bdm/debug/order")
+    def bdm_debug_order(body: dict = Body(...)):
+        _debug.bdm_first = bool(body.get("bdm_first", False))
+        return {"bdm_first": _debug.bdm_first}
+
+
+# -- X/Y/Z plot ----------------------------------------------------------------------------------------
+def _args_of(p):
+    """The BDM arguments of `p` (None when they cannot be read)."""
+    try:
+        for s in p.scripts.alwayson_scripts:
+            if isinstance(s, BdmScript):
+                return parse_script_args(p.script_args[s.args_from:s.args_to])
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def install_xyz_axes() -> bool:
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") and hasattr(data, "module"):
+            try:
+                bdm_xyz.install(data.module, lambda: [e.name for e in refresh_models()], _args_of)
+                return True
+            except Exception as e:  # noqa: BLE001
+                log(f"BDM: X/Y/Z plot axes not added: {type(e).__name__}: {e}")
+                return False
+    return False
 
 
 def on_script_unloaded():
@@ -413,3 +484,5 @@ _register(script_callbacks.on_ui_settings, on_ui_settings)
 _register(script_callbacks.on_infotext_pasted, on_infotext_pasted)
 _register(script_callbacks.on_app_started, on_app_started)
 _register(script_callbacks.on_script_unloaded, on_script_unloaded)
+if not install_xyz_axes():  # the X/Y/Z script is normally loaded before extensions; else before the UI
+    _register(script_callbacks.on_before_ui, lambda: install_xyz_axes())

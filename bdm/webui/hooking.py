@@ -48,6 +48,8 @@ class BdmRun:
         self.unet_calls = 0  # UNet calls the branch ran in (diagnostics, tests)
         self.rows_seen: list[list[RowRole]] = []  # roles of the rows of each such call (tests)
         self.record_rows = False
+        # called with the running count after the branch ran in a UNet call (test faults, diagnostics)
+        self.on_unet_call: Callable[[int], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def ensure_attached(self, unet: nn.Module) -> None:
@@ -136,6 +138,8 @@ class BdmRun:
         self.unet_calls += 1
         if self.record_rows:
             self.rows_seen.append(roles)
+        if self.on_unet_call is not None:
+            self.on_unet_call(self.unet_calls)
         return self.bank.rows([self.prompt_index(r) for r in roles])
 
     def prompt_index(self, role: RowRole) -> int:

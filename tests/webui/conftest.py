@@ -112,59 +112,128 @@ def _run_installer(a1111: Path) -> str:
     return r.stdout + r.stderr + f"\nexit code {r.returncode}"
 
 
+def _make_foreign(a1111: Path) -> str:
+    """Tiny SD2 / SDXL / SD1-inpainting checkpoints (bdm-test-*) and the test-support extension, built
+    with the WebUI's python (tests/webui/foreign.py); rebuilt only when foreign.py changed."""
+    from tests.webui import foreign
+    script = Path(foreign.__file__)
+    foreign.write_support_extension(a1111)
+    outs = [a1111 / "models" / "Stable-diffusion" / f"{n}.safetensors" for n in foreign.NAMES.values()]
+    if all(o.is_file() and o.stat().st_mtime >= script.stat().st_mtime for o in outs):
+        return "up to date"
+    r = subprocess.run([_python(a1111), str(script), str(a1111)], cwd=a1111, capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode:
+        return f"foreign checkpoints failed ({r.returncode}):\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def prepare_models(a1111: Path) -> dict:
+    """Everything the integration suites need inside A1111_DIR (idempotent, once per session)."""
+    global _PREPARED
+    if _PREPARED is None:
+        sys.path.insert(0, str(REPO))
+        from tests.webui.models import (TEST_MODEL_2, make_finetuned_checkpoint, make_test_bdm,
+                                        make_test_embedding, make_wrong_file)
+        _link_extension(a1111)
+        make_test_bdm(a1111)
+        make_test_bdm(a1111, TEST_MODEL_2, seed=1)
+        make_wrong_file(a1111)
+        make_test_embedding(a1111)
+        make_finetuned_checkpoint(a1111)
+        _PREPARED = {"foreign": _make_foreign(a1111)}
+    return _PREPARED
+
+
+_PREPARED = None
+
+
+def _controlnet_channels(a1111: Path) -> str:
+    """TINY_CONTROLNET_MODEL_CHANNELS for the test-only ControlNet patch: the toy backbone's when the
+    toy is exported (its ControlNet matches it), else tiny-sd1's 32."""
+    from tests.webui.models import have_toy
+    if have_toy(a1111):
+        import re
+        y = a1111 / "models" / "Stable-diffusion" / "bdm-toy-sd1.yaml"
+        m = re.search(r"model_channels:\s*(\d+)", y.read_text(encoding="utf-8")) if y.is_file() else None
+        if m:
+            return m.group(1)
+    return os.environ.get("TINY_CONTROLNET_MODEL_CHANNELS", "32")
+
+
+def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Path | None = None,
+                 skip_install: bool = False, debug: bool = True) -> "WebUI":
+    """Start a WebUI on a free port and wait until its API answers. `settings_file`: a private copy of
+    config.json (so that a second server never writes the main one)."""
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               PORT=str(port), TINY_CONTROLNET_MODEL_CHANNELS=_controlnet_channels(a1111))
+    if debug:
+        env["BDM_WEBUI_DEBUG"] = "1"  # test-only diagnostics routes (bdm/webui/debug.py)
+    # run.sh's flags minus --skip-install (so install paths are live) and minus --nowebui (gradio UI on);
+    # --skip-prepare-environment keeps the WebUI from reinstalling its own requirements offline.
+    cmd = [_python(a1111), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
+           "--skip-version-check", "--use-cpu", "all", "--api",
+           "--server-name", "127.0.0.1", "--port", str(port),
+           "--ckpt", "models/Stable-diffusion/tiny-sd1.safetensors", *flags]
+    if "--precision" not in flags:
+        cmd += ["--no-half", "--precision", "full"]
+    if skip_install:
+        cmd.append("--skip-install")
+    if settings_file is not None:
+        cmd += ["--ui-settings-file", str(settings_file)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=a1111, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    server = WebUI(f"http://127.0.0.1:{port}", a1111, proc)
+    server.log = log_path
+    server._log_file = log
+    server.cmd = cmd
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            stop_server(server)
+            pytest.fail(f"the WebUI exited with {proc.returncode}; see {log_path}")
+        try:
+            if server.call("GET", "/sdapi/v1/sd-models", timeout=10)[0] == 200:
+                return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(2)
+    stop_server(server)
+    pytest.fail(f"the WebUI did not answer within 300 s; see {log_path}")
+
+
+def stop_server(server: "WebUI") -> None:
+    proc = server.proc
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    server._log_file.close()
+
+
 @pytest.fixture(scope="session")
 def webui():
     if not HAVE_WEBUI:
         pytest.skip(SKIP_REASON)
-    sys.path.insert(0, str(REPO))
-    from tests.webui.models import make_test_bdm, make_wrong_file
     a1111 = Path(A1111).resolve()
-    _link_extension(a1111)
-    make_test_bdm(a1111)
-    make_wrong_file(a1111)
+    prepared = prepare_models(a1111)
     installer = _run_installer(a1111)
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-               PORT=str(port))
-    # run.sh's flags minus --skip-install (so install paths are live) and minus --nowebui (gradio UI on);
-    # --skip-prepare-environment keeps the WebUI from reinstalling its own requirements offline.
-    cmd = [_python(a1111), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
-           "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
-           "--server-name", "127.0.0.1", "--port", str(port),
-           "--ckpt", "models/Stable-diffusion/tiny-sd1.safetensors"]
-    log = open(LOG, "w")
-    proc = subprocess.Popen(cmd, cwd=a1111, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    server = WebUI(f"http://127.0.0.1:{port}", a1111, proc)
+    server = start_server(a1111)
     server.installer_output = installer
-    server.log = LOG
+    server.prepared = prepared
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"the WebUI exited with {proc.returncode}; see {LOG}")
-            try:
-                if server.call("GET", "/sdapi/v1/sd-models", timeout=10)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail(f"the WebUI did not answer within 300 s; see {LOG}")
         # the first generation: before the extension was ever used in this server
         server.baseline_payload = dict(BASE)
         server.baseline = server.txt2img(**BASE)
         yield server
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+        stop_server(server)
 
 
 BASE = {"prompt": "", "negative_prompt": "", "width": 64, "height": 64, "steps": 4, "sampler_name": "Euler a",

@@ -42,3 +42,43 @@ def make_wrong_file(a1111_dir: str | Path, name: str = WRONG_MODEL) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(out))
     return out
+
+
+TEST_MODEL_2 = "test-bdm-2"
+TI_NAME = "bdm-test-ti"
+FT_CHECKPOINT = "bdm-test-sd1-ft"
+TOY_BDM = "models/bdm/bdm-toy.safetensors"
+
+
+def have_toy(a1111_dir: str | Path) -> bool:
+    """The trained toy models were exported into this WebUI (`python -m bdm.toy export-webui`)."""
+    return (Path(a1111_dir) / TOY_BDM).is_file()
+
+
+def make_test_embedding(a1111_dir: str | Path, name: str = TI_NAME, width: int = 64) -> Path:
+    """`embeddings/<name>.safetensors`: a random 2-vector Textual Inversion embedding (A1111 format)."""
+    from safetensors.torch import save_file
+    out = Path(a1111_dir) / "embeddings" / f"{name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(11)
+    save_file({"emb_params": 0.05 * torch.randn((2, width), generator=g)}, str(out))  # token scale 0.02
+    return out
+
+
+def make_finetuned_checkpoint(a1111_dir: str | Path, name: str = FT_CHECKPOINT) -> Path:
+    """A "fine-tuned" tiny-sd1 (DreamBooth stand-in): same architecture, UNet weights perturbed, its
+    own `.yaml` (a copy of tiny-sd1's)."""
+    from safetensors.torch import load_file, save_file
+    a1111_dir = Path(a1111_dir)
+    src = a1111_dir / CHECKPOINT
+    out = src.with_name(f"{name}.safetensors")
+    if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    sd = load_file(str(src))
+    g = torch.Generator().manual_seed(5)
+    for k, v in sd.items():
+        if k.startswith("model.diffusion_model.") and v.is_floating_point():
+            sd[k] = v + 0.1 * v.std().nan_to_num(0.0) * torch.randn(v.shape, generator=g)
+    save_file(sd, str(out))
+    out.with_suffix(".yaml").write_text(src.with_suffix(".yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    return out

@@ -1,0 +1,217 @@
+"""`python -m bdm.bench webui`: seconds per denoising step inside a running AUTOMATIC1111 WebUI, for
+plain SD, BDM, the ControlNet extension with a same-size ControlNet, and BDM + ControlNet.
+
+Each request's wall time includes fixed costs (HTTP, text encoding, VAE decode, hooks set-up); they
+cancel in the difference of two step counts: per step = (t(steps_hi) − t(steps_lo)) / (hi − lo). The
+four modes are interleaved within every repeat (so a slow moment of a shared machine hits all modes),
+and the medians over repeats are reported. The last line is
+`RATIOS bdm/plain=X controlnet/plain=Y both/plain=Z`.
+
+Usage:
+  python -m bdm.bench webui --url http://127.0.0.1:7860 --bdm-model NAME --controlnet-model TITLE
+  python -m bdm.bench webui --a1111 /path/to/stable-diffusion-webui   # starts one itself (CPU, offline)
+With `--a1111` the WebUI is started with run.sh's flags (`--skip-prepare-environment --skip-install
+--use-cpu all --no-half --precision full --api`), the checkpoint given by `--ckpt` (default the test
+suite's tiny-sd1), and stopped at the end; a BDM model for that checkpoint is made if none is named.
+The WebUI must have this project in `extensions/` and sd-webui-controlnet installed.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+MODES = ("plain", "bdm", "controlnet", "both")
+
+
+def _post(url: str, path: str, payload: dict, timeout: float = 1800) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def _get(url: str, path: str, timeout: float = 60) -> dict:
+    with urllib.request.urlopen(url + path, timeout=timeout) as r:
+        return json.load(r)
+
+
+def _hint_png(size: int) -> str:
+    import numpy as np
+    from PIL import Image
+    a = np.zeros((size, size, 3), np.uint8)
+    a[size // 8: size // 2, size // 8: size // 2] = 255
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def payload(mode: str, steps: int, args) -> dict:
+    p = {"prompt": "", "negative_prompt": "", "width": args.size, "height": args.size, "steps": steps,
+         "sampler_name": "Euler", "scheduler": "Automatic", "cfg_scale": 7, "seed": 1,
+         "batch_size": args.batch, "n_iter": 1, "alwayson_scripts": {}}
+    if mode in ("bdm", "both"):
+        p["alwayson_scripts"]["BDM"] = {"args": {"enabled": True, "prompt": "红色的圆形", "model": args.bdm_model}}
+    if mode in ("controlnet", "both"):
+        p["alwayson_scripts"]["controlnet"] = {"args": [{
+            "enabled": True, "module": "none", "model": args.controlnet_model, "weight": 1.0,
+            "image": _hint_png(args.size), "resize_mode": "Just Resize", "processor_res": args.size}]}
+    return p
+
+
+def check(url: str, args) -> None:
+    """One request per mode: BDM must be applied (its fields in the infotext, no error), ControlNet
+    must have run (its control map comes back)."""
+    for mode in MODES:
+        r = _post(url, "/sdapi/v1/txt2img", payload(mode, 2, args))
+        info = json.loads(r["info"])
+        text = info["infotexts"][0]
+        if mode in ("bdm", "both") and ("BDM prompt" not in text or "BDM error" in info["extra_generation_params"]):
+            raise SystemExit(f"BDM was not applied in mode {mode}: {info['extra_generation_params']}")
+        if mode in ("controlnet", "both") and len(r["images"]) <= args.batch:
+            raise SystemExit(f"ControlNet did not run in mode {mode} (model {args.controlnet_model!r})")
+
+
+def measure(url: str, args) -> dict:
+    lo, hi = args.steps
+    per_step: dict[str, list[float]] = {m: [] for m in MODES}
+    for rep in range(args.repeats):
+        times = {}
+        for mode in MODES:
+            for steps in (lo, hi):
+                t = time.perf_counter()
+                _post(url, "/sdapi/v1/txt2img", payload(mode, steps, args))
+                times[mode, steps] = time.perf_counter() - t
+        for mode in MODES:
+            per_step[mode].append((times[mode, hi] - times[mode, lo]) / (hi - lo))
+        if not args.quiet:
+            print(f"repeat {rep + 1}/{args.repeats}: " +
+                  ", ".join(f"{m} {per_step[m][-1] * 1000:.1f} ms/step" for m in MODES), flush=True)
+    return {m: statistics.median(v) for m, v in per_step.items()}
+
+
+# -- starting a WebUI ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_bdm(a1111: Path, ckpt: Path, name: str = "bench-bdm") -> str:
+    """A BDM model for `ckpt` (branch copied from its UNet, small random zero convs, tiny encoder): the
+    branch is what is timed, its weights do not matter."""
+    out = a1111 / "models" / "bdm" / f"{name}.safetensors"
+    if out.is_file() and out.stat().st_mtime >= ckpt.stat().st_mtime:
+        return name
+    import torch
+
+    import bdm
+    from bdm.formats import bdm_file, checkpoint
+    from bdm.text.chinese import ChineseTextEncoder
+    unet = checkpoint.load_unet(ckpt)
+    enc = ChineseTextEncoder.tiny(seed=0)
+    bridge = bdm.from_backbone(unet, 64)  # the tiny encoder's hidden size
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for conv in [z[0] for z in bridge.zero_convs] + [bridge.middle_block_out[0]]:
+            conv.weight.copy_(0.1 * torch.randn(conv.weight.shape, generator=g))
+    bdm_file.save_bdm(out, bridge, enc)
+    return name
+
+
+def start(a1111: Path, ckpt: str, log: Path):
+    port = _free_port()
+    python = a1111.parent / "venv" / "bin" / "python"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    cmd = [str(python) if python.exists() else sys.executable, "launch.py", "--skip-prepare-environment",
+           "--skip-install", "--skip-torch-cuda-test", "--skip-version-check", "--use-cpu", "all", "--no-half",
+           "--precision", "full", "--api", "--nowebui", "--server-name", "127.0.0.1", "--port", str(port),
+           "--ckpt", ckpt]
+    f = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=a1111, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the WebUI exited with {proc.returncode}; see {log}")
+        try:
+            _get(url, "/sdapi/v1/sd-models", timeout=10)
+            return proc, url
+        except OSError:
+            time.sleep(2)
+    stop(proc)
+    raise SystemExit(f"the WebUI did not answer within 300 s; see {log}")
+
+
+def stop(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bdm.bench webui", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="a running WebUI (with --api); else --a1111 starts one")
+    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"), help="WebUI folder (default $A1111_DIR)")
+    ap.add_argument("--ckpt", default="models/Stable-diffusion/tiny-sd1.safetensors",
+                    help="checkpoint for a started WebUI (relative to --a1111)")
+    ap.add_argument("--bdm-model", default=None, help="BDM model name (default: made for the checkpoint)")
+    ap.add_argument("--controlnet-model", default=None,
+                    help="ControlNet model title (default: the first the extension lists)")
+    ap.add_argument("--steps", type=int, nargs=2, default=(4, 16), metavar=("LO", "HI"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--log", default="/tmp/bdm-bench-webui.log")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    proc = None
+    url = args.url.rstrip("/") if args.url else None
+    if url is None:
+        if not args.a1111:
+            ap.error("give --url of a running WebUI or --a1111 (or set A1111_DIR)")
+        a1111 = Path(args.a1111).resolve()
+        if args.bdm_model is None:
+            args.bdm_model = _make_bdm(a1111, a1111 / args.ckpt)
+        proc, url = start(a1111, args.ckpt, Path(args.log))
+    try:
+        if args.bdm_model is None:
+            models = _get(url, "/bdm/models")["models"]
+            if not models:
+                raise SystemExit("no BDM model installed (models/bdm/); give --bdm-model")
+            args.bdm_model = models[0]["name"]
+        if args.controlnet_model is None:
+            cn = [m for m in _get(url, "/controlnet/model_list")["model_list"] if m != "None"]
+            if not cn:
+                raise SystemExit("the ControlNet extension lists no model; give --controlnet-model")
+            args.controlnet_model = cn[0]
+        check(url, args)
+        for mode in MODES:  # warm-up
+            _post(url, "/sdapi/v1/txt2img", payload(mode, args.steps[0], args))
+        med = measure(url, args)
+    finally:
+        if proc is not None:
+            stop(proc)
+    print(f"WebUI {url}: {args.size}x{args.size}, batch {args.batch}, Euler, steps {args.steps[0]} vs "
+          f"{args.steps[1]}, {args.repeats} interleaved repeats, medians; BDM model {args.bdm_model}, "
+          f"ControlNet {args.controlnet_model}")
+    for mode in MODES:
+        print(f"  {mode:<10} {med[mode] * 1000:8.2f} ms/step   x{med[mode] / med['plain']:.3f}")
+    print(f"RATIOS bdm/plain={med['bdm'] / med['plain']:.3f} controlnet/plain={med['controlnet'] / med['plain']:.3f} "
+          f"both/plain={med['both'] / med['plain']:.3f}")
+    return 0
