@@ -12,11 +12,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.webui.compat import bdm_error, generate, info, make_world, mean_diff, same
-from tests.webui.conftest import BASE, pixels, start_server, stop_server
+from tests.webui.conftest import BASE, start_server, stop_server
 
 CONFIGS = {
     "medvram": ["--medvram"],
@@ -45,6 +44,10 @@ def test_bdm_under_flags(webui, flagged):
     if world.toy:
         for s in (webui, flagged):
             s.post("/sdapi/v1/options", {"sd_model_checkpoint": world.checkpoint})
+    status, body = flagged.call("POST", "/sdapi/v1/txt2img", dict(BASE))
+    if status != 200 and "NVIDIA" in str(body):
+        pytest.skip(f"{flagged.name}: the WebUI itself cannot generate on a CPU with these flags "
+                    f"(plain generation fails: {str(body)[:160]})")
     try:
         ref_plain = generate(webui, world)
         ref_on = generate(webui, world, world.bdm_args())

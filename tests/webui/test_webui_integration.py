@@ -151,16 +151,15 @@ def test_toy_model_gives_the_requested_colour(webui):
     if not toy.is_file():
         pytest.skip(f"{toy} is absent: the trained toy model is written by "
                     "`python -m bdm.toy export-webui A1111_DIR` (not built yet)")
-    try:  # the toy world's judge (another engineer's module; adapt here to its final API)
-        from bdm.toy.judge import judge_images
-    except ImportError as e:
-        pytest.skip(f"the toy judge bdm.toy.judge.judge_images is not available: {e}")
-    ckpt = "bdm-toy-sd1.safetensors"
-    payload = dict(BASE, override_settings={"sd_model_checkpoint": ckpt}, steps=20, batch_size=4,
-                   **bdm({"model": "bdm-toy", "prompt": "红色的圆形"}))
-    r = webui.txt2img(**payload)
-    verdict = judge_images(pixels(r))
-    assert sum(v["colour"] == "红" for v in verdict) >= 3, verdict
+    from tests.webui.compat import ToyJudge
+    ckpt = "bdm-toy-sd1"
+    webui.post("/sdapi/v1/options", {"sd_model_checkpoint": ckpt})
+    try:
+        r = webui.txt2img(**dict(BASE, steps=20, batch_size=4, **bdm({"model": "bdm-toy", "prompt": "红色的圆形"})))
+    finally:
+        webui.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny-sd1"})
+    verdict = ToyJudge()(r, 4)
+    assert sum(c == "red" for c in verdict["colour"]) >= 3, verdict
 
 
 def test_screenshot_txt2img(webui):
