@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -205,15 +204,8 @@ def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Pat
 
 
 def stop_server(server: "WebUI") -> None:
-    proc = server.proc
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    from bdm.bench.webui import stop
+    stop(server.proc)
     server._log_file.close()
 
 
