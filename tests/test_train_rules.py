@@ -63,23 +63,26 @@ def load_english(ckpt):
     return load_checkpoint(ckpt).text_encoder.encode([""])
 
 
-def test_fast_training_forward_equals_attach(setup):
-    """no_grad encoder half + residuals by hand = the hooks of bdm.attach, values and branch gradients."""
+@pytest.mark.parametrize("checkpoint_decoder", [False, True])
+def test_fast_training_forward_equals_attach(setup, checkpoint_decoder):
+    """no_grad encoder half + residuals by hand (decoder recomputed in backward or not) = the hooks of
+    bdm.attach, values and branch gradients; the backbone gets no gradients either way."""
     import bdm
     from bdm.bridge import Bridge
     from bdm.formats.checkpoint import load_unet
     from bdm.train.model import backbone_eps
     from tests.util import randomize_
     _, ckpt, _ = setup
-    unet = load_unet(ckpt)
+    unet = load_unet(ckpt).requires_grad_(False)
     bridge = randomize_(Bridge.from_backbone(unet, 32), 3)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
     en, cn = torch.randn(1, 77, 64, generator=g), torch.randn(2, 52, 32, generator=g)
     down, mid = bridge(x, t, cn)
-    ours = backbone_eps(unet, x, t, en.expand(2, -1, -1), down, mid)
+    ours = backbone_eps(unet, x, t, en.expand(2, -1, -1), down, mid, checkpoint_decoder)
     ours.square().sum().backward()
     grads = [p.grad.clone() for p in bridge.parameters()]
+    assert all(p.grad is None for p in unet.parameters())
     bridge.zero_grad()
     with bdm.attach(unet, bridge, cn):
         ref = unet(x, t, context=en.expand(2, -1, -1))

@@ -174,22 +174,28 @@ HEADS = {"colour": 4, "shape": 4, "position": 9, "size": 2, "background": 2, "dr
 
 
 class Judge(nn.Module):
-    """Small CNN with one head per attribute; trained on ground-truth images, used only to evaluate."""
+    """Small CNN with one head per attribute; trained on ground-truth images, used only to evaluate.
+
+    Reads a 32×32 average-pooled copy (cheap, and blind to the decoder's pixel-level noise). Besides the
+    flattened 4×4 map (where things are), the heads see global max/mean pools of the 32×32 features
+    (what colour, is there an outline), which makes colour easy to learn."""
 
     def __init__(self, width: int = 32):
         super().__init__()
         w = width
+        self.stem = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(3, w, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(w, w, 3, padding=1), nn.GELU())  # 32×32
         self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.GELU(), nn.Conv2d(w, w, 3, padding=1, stride=2), nn.GELU(),  # 32
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GELU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2),
-            nn.GELU(),  # 16
+            nn.Conv2d(w, 2 * w, 3, padding=1, stride=2), nn.GELU(),  # 16
             nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.GELU(),  # 8
             nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.GELU())  # 4
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, 256), nn.GELU())
+        self.body = nn.Sequential(nn.Linear(2 * w * 16 + 2 * w, 256), nn.GELU())
         self.heads = nn.ModuleDict({k: nn.Linear(256, n) for k, n in HEADS.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.body(self.features(images))
+        local = self.stem(images)
+        pooled = torch.cat([local.amax((2, 3)), local.mean((2, 3))], dim=1)
+        h = self.body(torch.cat([self.features(local).flatten(1), pooled], dim=1))
         return {k: head(h) for k, head in self.heads.items()}
 
     @torch.no_grad()

@@ -78,6 +78,8 @@ class TrainConfig:
                                choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = opt(False, "recompute the branch's blocks in backward (less memory, "
                                               "~30 %% more time)")
+    checkpoint_backbone: bool = opt(True, "recompute the frozen backbone's decoder blocks in backward instead "
+                                          "of keeping their activations (less memory, ~10-20 %% more time)")
     ema: bool = opt(False, "keep an exponential moving average of the branch; exported files use it")
     ema_decay: float = opt(0.9999, "EMA decay (with the usual (1+n)/(10+n) warm-up)")
     # -- run -----------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _OPTIM = {"batch_size", "gradient_accumulation", "learning_rate", "lr_schedule", "lr_warmup_steps",
           "min_lr_ratio", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm",
-          "fused_adam", "mixed_precision", "gradient_checkpointing", "ema", "ema_decay"}
+          "fused_adam", "mixed_precision", "gradient_checkpointing", "checkpoint_backbone", "ema", "ema_decay"}
 
 
 def read_config_file(path: str | Path) -> dict:

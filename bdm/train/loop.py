@@ -151,7 +151,7 @@ class Trainer:
         unet = freeze(ckpt.unet).to(self.device, weight_dtype)
         self.vae = freeze(ckpt.vae).to(self.device, weight_dtype)
         self.chinese = freeze(chinese).to(self.device, weight_dtype)
-        self.model = BridgeTrainingModel(unet, bridge, english.to(self.device))
+        self.model = BridgeTrainingModel(unet, bridge, english.to(self.device), c.checkpoint_backbone)
         self.bridge, self.unet, self.english = bridge, unet, english
         self.weight_dtype = weight_dtype
         self.schedule = NoiseSchedule(self.device)

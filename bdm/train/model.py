@@ -6,13 +6,16 @@
 cannot influence: the backbone's `time_embed`, `input_blocks` and `middle_block` run under
 `torch.no_grad()` (their inputs are the noisy latents and the constant English "" context). Only the
 decoder half (`output_blocks`, `out`) is recorded, so the loss's gradient flows back through it to the
-branch's residuals; the backbone's parameters never require gradients.
+branch's residuals; the backbone's parameters never require gradients. By default even the decoder
+blocks keep no activations: each is recomputed in backward from its two inputs (activation
+checkpointing of the frozen half), which is what makes a step's peak memory lower than the peer's.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..bridge import Bridge
 from ..unet import UNetModel, time_embedding
@@ -25,9 +28,15 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def _decoder_block(block: nn.Module, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor,
+                   context: torch.Tensor) -> torch.Tensor:
+    return block(torch.cat([h, skip], dim=1), emb, context)
+
+
 def backbone_eps(unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 down: list[torch.Tensor], mid: torch.Tensor) -> torch.Tensor:
-    """ε of the backbone with the branch's residuals added (strength 1)."""
+                 down: list[torch.Tensor], mid: torch.Tensor, checkpoint_decoder: bool = False) -> torch.Tensor:
+    """ε of the backbone with the branch's residuals added (strength 1); `checkpoint_decoder` recomputes
+    each decoder block in backward instead of keeping its activations (same numbers)."""
     with torch.no_grad():
         emb = time_embedding(unet, timesteps, x.shape[0], x.dtype, unet.config.model_channels)
         hs, h = [], x
@@ -39,7 +48,11 @@ def backbone_eps(unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor, cont
     n = len(down)
     for j, block in enumerate(unet.output_blocks):
         skip = hs.pop() + down[n - 1 - j].to(h.dtype)
-        h = block(torch.cat([h, skip], dim=1), emb, context)
+        if checkpoint_decoder and torch.is_grad_enabled():
+            # reentrant: the two inputs are saved with save_for_backward like any activation
+            h = checkpoint(_decoder_block, block, h, skip, emb, context, use_reentrant=True)
+        else:
+            h = _decoder_block(block, h, skip, emb, context)
     return unet.out(h)
 
 
@@ -62,10 +75,12 @@ class BridgeTrainingModel(nn.Module):
 
     `english` is the backbone's context, the embedding of "" computed once ([1, 77, H]); it is
     broadcast to every row. `bridge` may be wrapped by DistributedDataParallel (`self.branch`).
+    `checkpoint_backbone` recomputes the frozen decoder blocks in backward (less memory, a little time).
     """
 
-    def __init__(self, unet: UNetModel, bridge: Bridge, english: torch.Tensor):
+    def __init__(self, unet: UNetModel, bridge: Bridge, english: torch.Tensor, checkpoint_backbone: bool = True):
         super().__init__()
+        self.checkpoint_backbone = checkpoint_backbone
         self.unet = freeze(unet)
         self.bridge = bridge
         self.branch: nn.Module = bridge  # replaced by the DDP wrapper under torchrun
@@ -76,7 +91,7 @@ class BridgeTrainingModel(nn.Module):
         z_t = z_t.to(dtype)
         down, mid = self.branch(z_t, t, chinese)
         english = self.english.to(dtype).expand(z_t.shape[0], *self.english.shape[1:])
-        return backbone_eps(self.unet, z_t, t, english, down, mid)
+        return backbone_eps(self.unet, z_t, t, english, down, mid, self.checkpoint_backbone)
 
     def loss(self, z_t: torch.Tensor, t: torch.Tensor, chinese: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """ε-prediction MSE (mean over every element), computed in fp32."""
