@@ -37,7 +37,7 @@ class _ZeroHint(nn.Module):
         return cond.new_zeros(b, self.channels, h // 8, w // 8)
 
 
-def build(config: str, device, dtype):
+def build(config: str, device, dtype, checkpoint_backbone: int = 3):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from ..bridge import Bridge
@@ -62,7 +62,8 @@ def build(config: str, device, dtype):
     assert not unexpected and all(k.startswith("controlnet_cond_embedding") for k in missing), (missing, unexpected)
     peer_cn.controlnet_cond_embedding = _ZeroHint(cfg.model_channels)
     english = torch.randn(1, en_len, en_dim)
-    ours = BridgeTrainingModel(unet.to(device, dtype), bridge.to(device).train(), english.to(device))
+    ours = BridgeTrainingModel(unet.to(device, dtype), bridge.to(device).train(), english.to(device),
+                               checkpoint_backbone)
     peer_unet.to(device, dtype).requires_grad_(False).eval()
     peer_cn.to(device).train()
     return ours, (peer_unet, peer_cn), english.to(device), cn_dim
@@ -124,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: bf16 on CUDA, no on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint both branches")
+    p.add_argument("--checkpoint-backbone", type=int, default=3, metavar="N",
+                   help="ours: recompute the last N frozen decoder blocks in backward (the trainer's default: 3)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     cpu = device.type == "cpu"
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     default_px = 256 if (cpu or a.config == "small") else 512
     width, height = a.width or default_px, a.height or default_px
     batch = a.batch_size or (4 if a.config == "small" else (1 if cpu else 2))
-    ours, (peer_unet, peer_cn), english, cn_dim = build(a.config, device, dtype)
+    ours, (peer_unet, peer_cn), english, cn_dim = build(a.config, device, dtype, a.checkpoint_backbone)
     if a.gradient_checkpointing:
         ours.bridge.gradient_checkpointing = True
         peer_cn.enable_gradient_checkpointing()
@@ -201,7 +204,8 @@ def main(argv=None) -> int:
     mem_ours, mem_peer = max(mems["ours"]), max(mems["peer"])
     what = "peak allocated" if not cpu else "autograd-saved + trainable state"
     print(f"config={a.config} device={device} ({torch.get_num_threads()} threads) {width}x{height} batch={batch} "
-          f"mixed_precision={mp} gradient_checkpointing={a.gradient_checkpointing} repeats={a.repeats}")
+          f"mixed_precision={mp} gradient_checkpointing={a.gradient_checkpointing} "
+          f"checkpoint_backbone={a.checkpoint_backbone} repeats={a.repeats}")
     print(f"first-step loss ours={l_ours:.5f} peer={l_peer:.5f} (same weights and inputs)")
     for name, tt, mm in (("ours", t_ours, mem_ours), ("peer", t_peer, mem_peer)):
         print(f"{name:5s} time/step median {tt * 1000:9.1f} ms  [{', '.join(f'{v * 1000:.0f}' for v in times[name])}]  "

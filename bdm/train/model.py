@@ -6,9 +6,9 @@
 cannot influence: the backbone's `time_embed`, `input_blocks` and `middle_block` run under
 `torch.no_grad()` (their inputs are the noisy latents and the constant English "" context). Only the
 decoder half (`output_blocks`, `out`) is recorded, so the loss's gradient flows back through it to the
-branch's residuals; the backbone's parameters never require gradients. By default even the decoder
-blocks keep no activations: each is recomputed in backward from its two inputs (activation
-checkpointing of the frozen half), which is what makes a step's peak memory lower than the peer's.
+branch's residuals; the backbone's parameters never require gradients. By default the full-resolution
+decoder blocks keep no activations either: each is recomputed in backward from its two inputs
+(activation checkpointing of the frozen half), which makes a step's peak memory lower than the peer's.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def _decoder_block(block: nn.Module, h: torch.Tensor, skip: torch.Tensor, emb: t
 
 
 def backbone_eps(unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 down: list[torch.Tensor], mid: torch.Tensor, checkpoint_decoder: bool = False) -> torch.Tensor:
-    """ε of the backbone with the branch's residuals added (strength 1); `checkpoint_decoder` recomputes
-    each decoder block in backward instead of keeping its activations (same numbers)."""
+                 down: list[torch.Tensor], mid: torch.Tensor, checkpoint_decoder=()) -> torch.Tensor:
+    """ε of the backbone with the branch's residuals added (strength 1); decoder blocks whose index is in
+    `checkpoint_decoder` are recomputed in backward instead of keeping their activations (same numbers)."""
     with torch.no_grad():
         emb = time_embedding(unet, timesteps, x.shape[0], x.dtype, unet.config.model_channels)
         hs, h = [], x
@@ -48,7 +48,7 @@ def backbone_eps(unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor, cont
     n = len(down)
     for j, block in enumerate(unet.output_blocks):
         skip = hs.pop() + down[n - 1 - j].to(h.dtype)
-        if checkpoint_decoder and torch.is_grad_enabled():
+        if j in checkpoint_decoder and torch.is_grad_enabled():
             # reentrant: the two inputs are saved with save_for_backward like any activation
             h = checkpoint(_decoder_block, block, h, skip, emb, context, use_reentrant=True)
         else:
@@ -75,10 +75,11 @@ class BridgeTrainingModel(nn.Module):
 
     `english` is the backbone's context, the embedding of "" computed once ([1, 77, H]); it is
     broadcast to every row. `bridge` may be wrapped by DistributedDataParallel (`self.branch`).
-    `checkpoint_backbone` recomputes the frozen decoder blocks in backward (less memory, a little time).
+    `checkpoint_backbone` = N recomputes the last N frozen decoder blocks in backward (the full-resolution
+    ones come last: the most activation memory per unit of recompute).
     """
 
-    def __init__(self, unet: UNetModel, bridge: Bridge, english: torch.Tensor, checkpoint_backbone: bool = True):
+    def __init__(self, unet: UNetModel, bridge: Bridge, english: torch.Tensor, checkpoint_backbone: int = 3):
         super().__init__()
         self.checkpoint_backbone = checkpoint_backbone
         self.unet = freeze(unet)
@@ -91,7 +92,9 @@ class BridgeTrainingModel(nn.Module):
         z_t = z_t.to(dtype)
         down, mid = self.branch(z_t, t, chinese)
         english = self.english.to(dtype).expand(z_t.shape[0], *self.english.shape[1:])
-        return backbone_eps(self.unet, z_t, t, english, down, mid, self.checkpoint_backbone)
+        n = len(self.unet.output_blocks)
+        recompute = range(n - min(n, self.checkpoint_backbone), n)
+        return backbone_eps(self.unet, z_t, t, english, down, mid, recompute)
 
     def loss(self, z_t: torch.Tensor, t: torch.Tensor, chinese: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """ε-prediction MSE (mean over every element), computed in fp32."""
