@@ -130,9 +130,6 @@ def test_committed_checkpoint_is_a_webui_sd1_checkpoint():
 
 @needs_weights
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the committed weights come from a reduced build (build --scale 0.3 on a busy 2-core "
-                          "machine): BDM is near chance on colour; passes only after a full `python -m bdm.toy build`",
-                   strict=False)
 def test_small_eval_far_above_chance(tmp_path):
     """A reduced `python -m bdm.toy eval`: 24 images per row; chance is 25 % (colour) and 33 % (shape)."""
     from bdm.toy.evaluate import evaluate

@@ -41,7 +41,7 @@ class Steps:
     bdm_batch: int = 64
     lora: int = 400
     controlnet: int = 800
-    dreambooth: int = 500
+    dreambooth: int = 800
     ti: int = 300
     plugin_batch: int = 32
 
@@ -231,6 +231,18 @@ def english_caption(spec, rng: random.Random) -> str:
     return D.english_caption(spec, D.train_template(rng, "en"))
 
 
+def english_training_caption(spec, rng: random.Random) -> str:
+    """10 % empty, 20 % partial (only the colour or only the shape), else a full caption. Partial
+    captions teach the backbone that a word it does not know (a LoRA trigger, a style word) leaves
+    colour and shape open — as in real captions — instead of standing for some colour."""
+    r = rng.random()
+    if r < 0.1:
+        return ""
+    if r < 0.3:
+        return D.partial_caption(spec, rng.randrange(len(D.EN_PARTIAL)))
+    return english_caption(spec, rng)
+
+
 def train_backbone(pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
     from ..unet import UNetModel
     torch.manual_seed(seed + 1)
@@ -238,13 +250,14 @@ def train_backbone(pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
     text.transformer.train()
     rows = torch.tensor(english_rows(pool))
     rng = random.Random(seed + 1)
-    captions = sorted({D.english_caption(s, t) for s in pool.specs for t in range(len(D.EN_TEMPLATES))} | {""})
+    captions = sorted({D.english_caption(s, t) for s in pool.specs for t in range(len(D.EN_TEMPLATES))}
+                      | {D.partial_caption(s, t) for s in pool.specs for t in range(len(D.EN_PARTIAL))} | {""})
     ids = M.english_ids(text, captions)
     index = {c: i for i, c in enumerate(captions)}
 
     def sample_batch():
         idx = rows[torch.randint(0, len(rows), (steps.backbone_batch,), generator=gen)]
-        caps = [("" if rng.random() < 0.1 else english_caption(pool.specs[i], rng)) for i in idx.tolist()]
+        caps = [english_training_caption(pool.specs[i], rng) for i in idx.tolist()]
         return pool.latents[idx], torch.tensor([index[c] for c in caps])
 
     def eps_fn(z_t, t, cap_idx):

@@ -38,6 +38,7 @@ EN_TEMPLATES = ["a {c} {s}", "{c} {s}", "a picture of a {c} {s}", "a {s} that is
                 # held out
                 "an image showing a {c} {s}", "the {s} is {c}"]
 EN_HELD_OUT = 2
+EN_PARTIAL = ["a {c} shape", "something {c}", "a {s}", "a picture of a {s}"]  # only colour, or only shape
 ZH_TEMPLATES = ["{c}的{s}", "一个{c}的{s}", "{c}{s}", "画着一个{c}的{s}", "一张{c}{s}的图片", "一个{s}，{c}的",
                 # held out
                 "这是一个{c}的{s}", "图中有一个{c}的{s}"]
@@ -146,6 +147,10 @@ def hint_for(position: int, size: str = "large") -> Image.Image:
 
 def english_caption(spec: Spec, template: int) -> str:
     return EN_TEMPLATES[template].format(c=spec.colour, s=spec.shape)
+
+
+def partial_caption(spec: Spec, template: int) -> str:
+    return EN_PARTIAL[template].format(c=spec.colour, s=spec.shape)
 
 
 def chinese_caption(spec: Spec, template: int) -> str:

@@ -23,6 +23,7 @@ DEFAULT_CFG = 7.5
 DEFAULT_SAMPLER = "Euler a"
 TI = paths.embedding_file().stem  # an embedding is used by its file name, as in the WebUI
 SEMANTIC_MARGIN = 5.0  # points: plugins must keep BDM's semantics within this
+LORA_WEIGHT = 1.0  # the toy LoRA at full weight, as <lora:bdm-toy-striped:1>
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Row:
     bdm: bool = True
     en_prompt: str = "{en}"  # "{en}" = the held-out English caption; "" = empty
     chinese: bool = True
-    lora: bool = False
+    lora: float = 0.0  # LoRA weight (0: none), as in <lora:name:weight>
     ti: bool = False
     controlnet: bool = False
     chinese_only: bool = False
@@ -45,7 +46,7 @@ ROWS = [
     Row("backbone_empty", 'backbone alone, English ""', bdm=False, en_prompt="", chinese=False),
     Row("backbone_english", "backbone with English prompt", bdm=False, chinese=False),
     Row("bdm", 'BDM, Chinese prompt, EN ""', en_prompt="", targets={"colour": 90, "shape": 85}),
-    Row("lora", f"BDM + LoRA (EN \"{D.LORA_TRIGGER}\")", en_prompt=D.LORA_TRIGGER, lora=True, extra=["style"],
+    Row("lora", f"BDM + LoRA (EN \"{D.LORA_TRIGGER}\")", en_prompt=D.LORA_TRIGGER, lora=LORA_WEIGHT, extra=["style"],
         targets={"style": 80}),
     Row("controlnet", "BDM + ControlNet (bbox hint)", en_prompt="", controlnet=True, extra=["position"],
         targets={"position": 85}),
@@ -55,7 +56,7 @@ ROWS = [
         targets={"size": 80}),
     Row("chinese_only", "Chinese-only concept (五角星)", en_prompt="", chinese_only=True),
     Row("all", "all plugins together", checkpoint="dreambooth", en_prompt=f"{D.LORA_TRIGGER} {TI}",
-        lora=True, ti=True, controlnet=True, extra=["position", "size", "stripes", "outline"]),
+        lora=LORA_WEIGHT, ti=True, controlnet=True, extra=["position", "size", "stripes", "outline"]),
 ]
 STYLE = {"lora": ("background", "striped"), "dreambooth": ("drawing", "outline")}
 
@@ -109,7 +110,7 @@ def generate(world: World, row: Row, requests: list[dict], cfg: float, steps: in
     from ..sampling import EpsDenoiser, sample
     ckpt = world.checkpoints[row.checkpoint]
     unet, vae, text = ckpt.unet, ckpt.vae, ckpt.text_encoder
-    patch = apply_loras(unet, text, [(world.lora, 1.0)] if row.lora else [])
+    patch = apply_loras(unet, text, [(world.lora, row.lora)] if row.lora else [])
     if row.ti:
         load_embedding(text, world.embedding)
     denoiser = EpsDenoiser(unet)

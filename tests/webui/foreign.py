@@ -33,6 +33,65 @@ open_clip.add_model_config(os.path.join(os.path.dirname(os.path.dirname(os.path.
 '''
 
 
+TOY_CONTROLNET_SCRIPT = '''"""Test-only (written by the BDM integration tests): sd-webui-controlnet builds every SD1 ControlNet
+with SD1.5's architecture (`controlnet_default_config`; the harness's tiny-controlnet-patch changes
+only model_channels). The toy world's ControlNet (models/ControlNet/bdm-toy-*.safetensors) has the toy
+backbone's smaller architecture, so those files are built from the toy backbone's .yaml instead."""
+import os
+import sys
+
+from modules import paths, script_callbacks
+from modules import scripts as webui_scripts
+
+KEYS = ("in_channels", "model_channels", "num_res_blocks", "attention_resolutions", "channel_mult", "num_heads",
+        "num_head_channels", "context_dim", "transformer_depth", "use_linear_in_transformer")
+PROBE = "input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"  # where the guess reads the context width
+
+
+def _toy_config():
+    from omegaconf import OmegaConf
+    y = os.path.join(paths.models_path, "Stable-diffusion", "bdm-toy-sd1.yaml")
+    params = OmegaConf.to_container(OmegaConf.load(y).model.params.unet_config.params)
+    config = {k: params[k] for k in KEYS if k in params}
+    config["transformer_depth_middle"] = params.get("transformer_depth", 1)
+    return config
+
+
+def _patch(*_args, **_kwargs):
+    guess = sys.modules.get("scripts.controlnet_model_guess")
+    if guess is None or getattr(guess.build_model_by_guess, "bdm_toy", False):
+        return
+    original = guess.build_model_by_guess
+
+    def build_model_by_guess(state_dict, unet, model_path):
+        if not os.path.basename(model_path).startswith("bdm-toy-"):
+            return original(state_dict, unet, model_path)
+        saved = dict(guess.controlnet_default_config)
+        guess.controlnet_default_config.update(_toy_config())
+        state_dict = dict(state_dict)
+        if PROBE not in state_dict and "control_model." + PROBE not in state_dict:
+            state_dict[PROBE] = next(v for k, v in state_dict.items() if k.endswith("attn2.to_k.weight"))
+        try:
+            return original(state_dict, unet, model_path)
+        finally:
+            guess.controlnet_default_config.clear()
+            guess.controlnet_default_config.update(saved)
+
+    build_model_by_guess.bdm_toy = True
+    guess.build_model_by_guess = build_model_by_guess
+    # scripts/controlnet.py imported the name: replace it in that module's globals too
+    for data in webui_scripts.scripts_data:
+        for value in vars(data.script_class).values():
+            g = getattr(getattr(value, "__func__", value), "__globals__", None)  # staticmethods too
+            if g is not None and g.get("build_model_by_guess") is original:
+                g["build_model_by_guess"] = build_model_by_guess
+    print("[bdm-test-support] toy ControlNets are built from bdm-toy-sd1.yaml")
+
+
+script_callbacks.on_app_started(_patch)
+'''
+
+
 def write_vae_approx_sdxl(a1111: Path) -> None:
     """SDXL generation loads `models/VAE-approx/vaeapprox-sdxl.pt` and downloads it when missing (no
     network here): give it the SD1 approximation's file (same class, same keys; previews only)."""
@@ -49,6 +108,7 @@ def write_support_extension(a1111: Path) -> Path:
     (ext / f"{OPENCLIP_ARCH}.json").write_text(json.dumps(OPENCLIP_CONFIG), encoding="utf-8")
     (ext / "scripts" / "bdm_test_support.py").write_text(SUPPORT_SCRIPT.format(arch=OPENCLIP_ARCH),
                                                           encoding="utf-8")
+    (ext / "scripts" / "bdm_test_toy_controlnet.py").write_text(TOY_CONTROLNET_SCRIPT, encoding="utf-8")
     return ext
 
 
