@@ -35,8 +35,11 @@ open_clip.add_model_config(os.path.join(os.path.dirname(os.path.dirname(os.path.
 
 TOY_CONTROLNET_SCRIPT = '''"""Test-only (written by the BDM integration tests): sd-webui-controlnet builds every SD1 ControlNet
 with SD1.5's architecture (`controlnet_default_config`; the harness's tiny-controlnet-patch changes
-only model_channels). The toy world's ControlNet (models/ControlNet/bdm-toy-*.safetensors) has the toy
-backbone's smaller architecture, so those files are built from the toy backbone's .yaml instead."""
+only model_channels), and its UNet hook keeps SD1.5's 13 residual slots, popping the last ones for
+the middle block and the decoder. The toy world's ControlNet (models/ControlNet/bdm-toy-*.safetensors)
+has the toy backbone's smaller architecture: those files are built from the toy backbone's .yaml, and
+their residuals are handed over in the last slots (leading zeros), which the hook pops for the toy UNet's
+middle block and decoder blocks in the right order."""
 import os
 import sys
 
@@ -72,10 +75,19 @@ def _patch(*_args, **_kwargs):
         if PROBE not in state_dict and "control_model." + PROBE not in state_dict:
             state_dict[PROBE] = next(v for k, v in state_dict.items() if k.endswith("attn2.to_k.weight"))
         try:
-            return original(state_dict, unet, model_path)
+            built = original(state_dict, unet, model_path)
         finally:
             guess.controlnet_default_config.clear()
             guess.controlnet_default_config.update(saved)
+        network = built.model
+        residuals = network.forward
+
+        def forward(*args, **kwargs):
+            out = list(residuals(*args, **kwargs))
+            return [0.0] * (13 - len(out)) + out
+
+        network.forward = forward
+        return built
 
     build_model_by_guess.bdm_toy = True
     guess.build_model_by_guess = build_model_by_guess
