@@ -282,9 +282,13 @@ class EnglishTextEncoder(nn.Module):
         return cls(transformer, **kwargs)
 
     def ldm_state_dict(self) -> dict:
-        """Tensors under the names an SD1 checkpoint uses after `cond_stage_model.`."""
+        """Tensors under the names an SD1 checkpoint uses after `cond_stage_model.`, with the
+        `embeddings.position_ids` buffer real SD1.x files carry (newer transformers no longer save it, and
+        the WebUI's --medvram/--lowvram loading leaves a missing buffer on the meta device)."""
         sd = {k.removeprefix("text_model."): v for k, v in self.transformer.state_dict().items()
               if not k.endswith("position_ids")}
+        positions = sd["embeddings.position_embedding.weight"].shape[0]
+        sd["embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
         return {"transformer.text_model." + k: v for k, v in sd.items()}
 
     @property
