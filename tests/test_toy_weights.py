@@ -60,12 +60,16 @@ def ldm_latent_diffusion(checkpoint: Path):
             # every SD1.x file have it: compare under the files' names
             sd = {te + k[len(te + "text_model."):] if k.startswith(te + "text_model.") else k: v
                   for k, v in sd.items()}
-        # buffers LatentDiffusion computes itself (noise schedule, position ids) are not in SD files
+        # buffers LatentDiffusion computes itself (noise schedule) are not in SD files; CLIP's position_ids
+        # is in SD1.x files (and ours: the WebUI's transformers 4.30 expects it) but not a saved buffer of
+        # newer transformers
         computed = {k for k in own if not k.startswith(("model.", "first_stage_model.", "cond_stage_model."))
                     or k.endswith("position_ids")}
         missing = sorted(set(own) - set(sd) - computed)
-        unexpected = sorted(set(sd) - set(own))
+        unexpected = sorted(k for k in set(sd) - set(own) if not k.endswith("position_ids"))
+        assert any(k.endswith("embeddings.position_ids") for k in sd)
         assert not missing and not unexpected, (missing[:5], unexpected[:5])
+        sd = {k: v for k, v in sd.items() if k in own}
         for k, v in sd.items():
             assert own[k].shape == v.shape, k
         model.load_state_dict({**{k: own[k] for k in computed}, **sd}, strict=True)
