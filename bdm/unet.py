@@ -243,10 +243,11 @@ def build_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
     return skip_channels
 
 
-def run_block(block: nn.Module, use_checkpoint: bool, *args):
-    """Call a block, through activation checkpointing when training asks for it."""
+def run_block(block, use_checkpoint: bool, *args, reentrant: bool = False):
+    """Call a block, through activation checkpointing when training asks for it (`reentrant`: its
+    inputs are kept with save_for_backward, like any activation)."""
     if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
+        return checkpoint(block, *args, use_reentrant=reentrant)
     return block(*args)
 
 

@@ -7,7 +7,7 @@ import yaml
 from bdm.formats.checkpoint import load_checkpoint, save_checkpoint, UNET_PREFIX
 from bdm.formats.files import read_state_dict
 
-from .util import build_random, tiny_sd_parts
+from .util import tiny_sd_parts
 
 openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 

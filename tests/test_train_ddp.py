@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 from tests.test_train_support import one_thread, shared_backbone, write_colour_set  # noqa: F401
 from tests.util import REPO
 

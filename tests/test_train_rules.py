@@ -3,8 +3,6 @@ branch learns; the fast path equals bdm.attach; the CLI's minimal call, config f
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch

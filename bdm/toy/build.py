@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -382,6 +381,7 @@ def train_lora(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed:
 
 def train_controlnet(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
     from ..bridge import Bridge
+    from ..train.model import backbone_eps
     torch.manual_seed(seed + 5)
     control = Bridge.from_backbone(unet, hint_channels=3).train()
     rows = torch.tensor(english_rows(pool))
@@ -396,7 +396,7 @@ def train_controlnet(unet, text, pool: Pool, steps: Steps, gen: torch.Generator,
     def eps_fn(z_t, t, extra):
         ctx, hint = extra
         down, mid = control(z_t, t, ctx, hint=hint)
-        return M.eps_with_residuals(unet, z_t, t, ctx, down, mid, encoder_grad=False)
+        return backbone_eps(unet, z_t, t, ctx, down, mid)  # what bdm.attach computes, frozen backbone
 
     ema = diffusion_loop("ControlNet", steps.controlnet, list(control.parameters()), 5e-4, sample_batch, eps_fn,
                          gen, control, 0.995, warmup=50)

@@ -234,7 +234,7 @@ def check_targets(results: dict) -> None:
 
 
 def table(results: dict) -> str:
-    lines = [f"| row | colour % | shape % | other % | targets (✓ met, ✗ not) |", "|---|---|---|---|---|"]
+    lines = ["| row | colour % | shape % | other % | targets (✓ met, ✗ not) |", "|---|---|---|---|---|"]
     for key, res in results["rows"].items():
         other = ", ".join(f"{k} {res[k]}" for k in ("star", "style", "position", "size", "stripes", "outline")
                           if k in res)

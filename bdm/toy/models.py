@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..train.model import NoiseSchedule
 from ..unet import UNetConfig, UNetModel
 from ..vae import VAEConfig
 
@@ -47,40 +48,13 @@ def english_hidden(encoder, ids: torch.Tensor) -> torch.Tensor:
 
 # -- diffusion ---------------------------------------------------------------------------------------
 
-class Schedule:
-    """SD1's scaled-linear schedule (the one the samplers and `bdm.train` use)."""
-
-    def __init__(self):
-        from ..sampling import sd1_alphas_cumprod
-        ac = sd1_alphas_cumprod()
-        self.sqrt_ac, self.sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
+class Schedule(NoiseSchedule):
+    """SD1's training schedule (the one `bdm.train` uses), drawing timesteps and noise from a generator."""
 
     def noisy(self, z0: torch.Tensor, generator: torch.Generator):
         t = torch.randint(0, 1000, (z0.shape[0],), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
-        z_t = self.sqrt_ac[t].view(-1, 1, 1, 1) * z0 + self.sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
-        return z_t, t, noise
-
-
-def eps_with_residuals(unet: UNetModel, x, t, context, down=None, mid=None, encoder_grad: bool = True):
-    """The backbone's ε with a branch's residuals added (what `bdm.attach` does, strength 1)."""
-    from ..unet import time_embedding
-    emb = time_embedding(unet, t, x.shape[0], x.dtype, unet.config.model_channels)
-    with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
-        hs, h = [], x
-        for block in unet.input_blocks:
-            h = block(h, emb, context)
-            hs.append(h)
-        h = unet.middle_block(h, emb, context)
-    if mid is not None:
-        h = h + mid
-    n = len(hs)
-    for j, block in enumerate(unet.output_blocks):
-        skip = hs.pop()
-        if down is not None:
-            skip = skip + down[n - 1 - j]
-        h = block(torch.cat([h, skip], dim=1), emb, context)
-    return unet.out(h)
+        return self.add_noise(z0, noise, t), t, noise
 
 
 class EMA:

@@ -316,13 +316,11 @@ def build_latent_cache(folder: str | Path, items: list[Item], vae, resolution: i
     skipped: Counter = Counter()
     good: list[Item] = []
     pending: list[tuple[Item, torch.Tensor]] = []
-    shards: list[dict[str, list[torch.Tensor]]] = []
     buffers: dict[str, list[torch.Tensor]] = {}
     shard_index = 0
     rng = random.Random(0)
 
     def flush_batch():
-        nonlocal buffers
         if not pending:
             return
         images = torch.stack([im for _, im in pending]).to(device, dtype)

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..bridge import Bridge
-from ..unet import UNetModel, time_embedding
+from ..unet import UNetModel, run_block, time_embedding
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -48,11 +47,7 @@ def backbone_eps(unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor, cont
     n = len(down)
     for j, block in enumerate(unet.output_blocks):
         skip = hs.pop() + down[n - 1 - j].to(h.dtype)
-        if j in checkpoint_decoder and torch.is_grad_enabled():
-            # reentrant: the two inputs are saved with save_for_backward like any activation
-            h = checkpoint(_decoder_block, block, h, skip, emb, context, use_reentrant=True)
-        else:
-            h = _decoder_block(block, h, skip, emb, context)
+        h = run_block(_decoder_block, j in checkpoint_decoder, block, h, skip, emb, context, reentrant=True)
     return unet.out(h)
 
 
