@@ -35,6 +35,23 @@ def test_quick_build_writes_every_model(quick):
 
 
 @pytest.mark.slow
+def test_retrain_of_a_stage_equals_the_builds_stage(quick, tmp_path, capsys):
+    import shutil
+
+    from bdm.cli import run
+    from bdm.toy.__main__ import main
+    copy = tmp_path / "weights"
+    shutil.copytree(quick, copy)
+    (copy / paths.controlnet_file().name).unlink()
+    assert main(["retrain", "controlnet", "--quick", "--weights", str(copy), "--threads", "1"]) == 0
+    name = paths.controlnet_file().name
+    assert (quick / name).read_bytes() == (copy / name).read_bytes()
+    assert "controlnet" in json.loads((copy / "build.json").read_text())["retrained"]
+    assert run(main, ["retrain", "vae", "--weights", str(copy)]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_quick_models_load_in_their_community_formats(quick):
     from bdm.formats.bdm_file import read_bdm
     from bdm.formats.checkpoint import load_checkpoint

@@ -19,6 +19,12 @@ SIZE, REPEAT = 16, 8
 
 
 def test_loss_falls_and_the_caption_steers_the_image(tmp_path, tmp_path_factory):
+    train_and_check_steering(tmp_path, tmp_path_factory)
+
+
+def train_and_check_steering(tmp_path, tmp_path_factory, **options):
+    """Train 300 steps (`options` override the trainer config, e.g. device / mixed precision), then
+    check that the loss fell and that the exported branch steers generation (sampled on the CPU, fp32)."""
     import bdm
     from bdm.formats.checkpoint import load_checkpoint
     from bdm.sampling import EpsDenoiser, sample
@@ -26,7 +32,8 @@ def test_loss_falls_and_the_caption_steers_the_image(tmp_path, tmp_path_factory)
     ckpt = shared_backbone(tmp_path_factory, pretrain_size=SIZE)
     data = write_colour_set(tmp_path / "data", size=SIZE, repeat=REPEAT)
     result = Trainer(config(tmp_path, ckpt, data, resolution=SIZE, max_steps=300, cache_latents=True, batch_size=8,
-                            learning_rate=2e-3, lr_warmup_steps=10, log_every=50, random_flip=False)).run()
+                            learning_rate=2e-3, lr_warmup_steps=10, log_every=50, random_flip=False,
+                            **options)).run()
     losses = [h["loss"] for h in result["history"]]
     first, last = statistics.mean(losses[:30]), statistics.mean(losses[-30:])
     assert last < 0.8 * first, (first, last)
@@ -58,3 +65,4 @@ def test_loss_falls_and_the_caption_steers_the_image(tmp_path, tmp_path_factory)
     # same seeds, only the Chinese caption differs: every "红色" image is redder than its "蓝色" twin
     assert (red > blue).all(), (red, blue)
     assert (red - blue).mean() > 0.5, (red, blue)
+    return first, last, (red - blue).mean().item()

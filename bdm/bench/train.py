@@ -5,7 +5,8 @@ plus a trainable `ControlNetModel` (fp32) whose residuals go in through
 `down_block_additional_residuals` / `mid_block_additional_residual`; AdamW; `zero_grad(set_to_none=True)`.
 Its hint encoder is replaced by zeros (BDM's branch has none), so both do the same arithmetic.
 Ours: `bdm.train.model.BridgeTrainingModel` (backbone encoder half without autograd, only the decoder
-half recorded), fused AdamW where available. Same weights (`bdm.formats.diffusers_names`), same inputs.
+half recorded, its frozen convolutions lean, the last N decoder blocks recomputed), fused AdamW where
+available. Same weights (`bdm.formats.diffusers_names`), same inputs.
 
 Time: interleaved repeats (ours, peer, ours, peer, …), medians. Memory: on CUDA the peak allocated
 memory of a step; on CPU the bytes autograd keeps for backward (saved activations, unique storages)

@@ -1,4 +1,4 @@
-"""`python -m bdm.toy build | eval | export-webui A1111_DIR`."""
+"""`python -m bdm.toy build | retrain STAGE… | eval | export-webui A1111_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,13 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, help="torch CPU threads (on a shared, busy machine 1 is often faster)")
     b.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (e.g. 0.5 on a "
                    "busy machine; the committed weights record theirs in build.json)")
+    r = sub.add_parser("retrain", help="retrain the judge or plugin stages from the built backbone (the rest stays)")
+    r.add_argument("stages", nargs="+", metavar="STAGE", help="judge, lora, controlnet, dreambooth, ti")
+    r.add_argument("--weights", help="folder of a finished build (default: the package's bdm/toy/weights)")
+    r.add_argument("--seed", type=int, default=0, help="the build's seed")
+    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--scale", type=float, default=1.0, help="multiply the stages' step counts")
+    r.add_argument("--quick", action="store_true", help="tiny steps (for a build made with --quick)")
     e = sub.add_parser("eval", help="the paper's claims as measured numbers, with a contact sheet per row")
     e.add_argument("--weights", help="folder of toy weights (default: the package's)")
     e.add_argument("--images", type=int, default=108, help="images per row (≥ 100 for the report)")
@@ -38,6 +45,9 @@ def main(argv=None) -> int:
     if args.command == "build":
         from .build import build
         build(args.output, quick=args.quick, seed=args.seed, work=args.work, scale=args.scale)
+    elif args.command == "retrain":
+        from .build import retrain
+        retrain(args.stages, args.weights, seed=args.seed, scale=args.scale, quick=args.quick)
     elif args.command == "eval":
         from .evaluate import evaluate, print_table
         kwargs = {k: v for k, v in {"cfg": args.cfg, "sampler": args.sampler}.items() if v is not None}

@@ -8,7 +8,8 @@ cannot influence: the backbone's `time_embed`, `input_blocks` and `middle_block`
 decoder half (`output_blocks`, `out`) is recorded, so the loss's gradient flows back through it to the
 branch's residuals; the backbone's parameters never require gradients. By default the full-resolution
 decoder blocks keep no activations either: each is recomputed in backward from its two inputs
-(activation checkpointing of the frozen half), which makes a step's peak memory lower than the peer's.
+(activation checkpointing of the frozen half), and the frozen convolutions keep only their weights
+(`bdm.train.lean`), which makes a step's peak memory lower than the peer's.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..bridge import Bridge
 from ..unet import UNetModel, run_block, time_embedding
+from .lean import lean_convolutions
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -71,13 +73,16 @@ class BridgeTrainingModel(nn.Module):
     `english` is the backbone's context, the embedding of "" computed once ([1, 77, H]); it is
     broadcast to every row. `bridge` may be wrapped by DistributedDataParallel (`self.branch`).
     `checkpoint_backbone` = N recomputes the last N frozen decoder blocks in backward (the full-resolution
-    ones come last: the most activation memory per unit of recompute).
+    ones come last: the most activation memory per unit of recompute). The decoder's convolutions are made
+    lean (`bdm.train.lean`): they keep only their weights for backward.
     """
 
     def __init__(self, unet: UNetModel, bridge: Bridge, english: torch.Tensor, checkpoint_backbone: int = 3):
         super().__init__()
         self.checkpoint_backbone = checkpoint_backbone
         self.unet = freeze(unet)
+        lean_convolutions(unet.output_blocks)
+        lean_convolutions(unet.out)
         self.bridge = bridge
         self.branch: nn.Module = bridge  # replaced by the DDP wrapper under torchrun
         self.register_buffer("english", english.detach().clone(), persistent=False)
