@@ -19,7 +19,6 @@ import gradio as gr  # noqa: E402
 
 from modules import devices, paths, script_callbacks, scripts, shared  # noqa: E402
 
-import bdm.webui as bw  # noqa: E402
 from bdm.webui import debug as bdm_debug  # noqa: E402
 from bdm.webui import infotext as bdm_infotext  # noqa: E402
 from bdm.webui import xyz as bdm_xyz  # noqa: E402

@@ -38,7 +38,7 @@ class _ZeroHint(nn.Module):
         return cond.new_zeros(b, self.channels, h // 8, w // 8)
 
 
-def build(config: str, device, dtype, checkpoint_backbone: int = 3):
+def build(config: str, device, dtype, checkpoint_backbone: int = 0):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from ..bridge import Bridge
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: bf16 on CUDA, no on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint both branches")
-    p.add_argument("--checkpoint-backbone", type=int, default=3, metavar="N",
-                   help="ours: recompute the last N frozen decoder blocks in backward (the trainer's default: 3)")
+    p.add_argument("--checkpoint-backbone", type=int, default=0, metavar="N",
+                   help="ours: recompute the last N frozen decoder blocks in backward (the trainer's default: 0)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     cpu = device.type == "cpu"

@@ -78,9 +78,9 @@ class TrainConfig:
                                choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = opt(False, "recompute the branch's blocks in backward (less memory, "
                                               "~30 %% more time)")
-    checkpoint_backbone: int = opt(3, "recompute the last N decoder blocks of the frozen backbone in backward "
+    checkpoint_backbone: int = opt(0, "recompute the last N decoder blocks of the frozen backbone in backward "
                                       "instead of keeping their activations (3: SD1's full-resolution level, the "
-                                      "most memory per unit of recompute; 0: none)")
+                                      "most memory per unit of recompute, ~10-20 %% more time; 0: none)")
     ema: bool = opt(False, "keep an exponential moving average of the branch; exported files use it")
     ema_decay: float = opt(0.9999, "EMA decay (with the usual (1+n)/(10+n) warm-up)")
     # -- run -----------------------------------------------------------------------------------

@@ -6,10 +6,10 @@
 cannot influence: the backbone's `time_embed`, `input_blocks` and `middle_block` run under
 `torch.no_grad()` (their inputs are the noisy latents and the constant English "" context). Only the
 decoder half (`output_blocks`, `out`) is recorded, so the loss's gradient flows back through it to the
-branch's residuals; the backbone's parameters never require gradients. By default the full-resolution
-decoder blocks keep no activations either: each is recomputed in backward from its two inputs
-(activation checkpointing of the frozen half), and the frozen convolutions keep only their weights
-(`bdm.train.lean`), which makes a step's peak memory lower than the peer's.
+branch's residuals; the backbone's parameters never require gradients. The frozen decoder's convolutions
+keep only their weights for backward (`bdm.train.lean`), which makes a step's peak memory lower than the
+peer's at no cost in time; optionally the last N decoder blocks keep no activations at all and are
+recomputed in backward from their two inputs (activation checkpointing of the frozen half).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class BridgeTrainingModel(nn.Module):
     lean (`bdm.train.lean`): they keep only their weights for backward.
     """
 
-    def __init__(self, unet: UNetModel, bridge: Bridge, english: torch.Tensor, checkpoint_backbone: int = 3):
+    def __init__(self, unet: UNetModel, bridge: Bridge, english: torch.Tensor, checkpoint_backbone: int = 0):
         super().__init__()
         self.checkpoint_backbone = checkpoint_backbone
         self.unet = freeze(unet)
