@@ -59,14 +59,14 @@ def test_bdm_under_flags(webui, flagged):
         if world.toy:
             for s in (webui, flagged):
                 s.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny-sd1"})
-    assert not bdm_error(on) and "BDM prompt" in info(on)["infotexts"][0]
+    assert not bdm_error(on), f"{flagged.name}: {bdm_error(on)}"
+    assert "BDM prompt" in info(on)["infotexts"][0], info(on)["infotexts"][0]
     assert same(on, again), "BDM is not deterministic under these flags"
     assert same(after, plain), "a plain generation changed after BDM was used"
     st = flagged.get("/bdm/debug/state")
     assert st["last"]["unet_calls"] > 0 and st["runs"] == 0
     if flagged.name in ("medvram", "lowvram"):
         assert same(plain, ref_plain) and same(on, ref_on), f"{flagged.name} changed the images"
-        assert "lowvram" in flagged.log.read_text() or True
     else:
         assert st["bridges"][0]["dtype"] == "torch.float16", st["bridges"]
         # float16 vs float32: close, and BDM's effect is still there
