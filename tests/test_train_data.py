@@ -175,3 +175,16 @@ def test_training_from_shards_and_with_cached_latents(tmp_path, tmp_path_factory
     # a cache folder is itself a dataset (the "separate step")
     result = Trainer(config(tmp_path / "c", ckpt, cache, resolution=16, batch_size=2, max_steps=1)).run()
     assert result["step"] == 1
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_random_flip_warns_when_captions_name_a_side(tmp_path, tmp_path_factory, capsys, flip):
+    from bdm.train import Trainer
+    ckpt = shared_backbone(tmp_path_factory)
+    data = write_colour_set(tmp_path / "data", per_colour=1, size=16)
+    lines = data.read_text(encoding="utf-8").splitlines()
+    lines[0] = lines[0].replace('"text": "', '"text": "左边的')
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    Trainer(config(tmp_path, ckpt, data, resolution=16, random_flip=flip)).prepare()
+    err = capsys.readouterr().err
+    assert ("1 of 4 captions name a side" in err) == flip, err

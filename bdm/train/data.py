@@ -132,6 +132,14 @@ class Item:
     text: str
 
 
+SIDE_WORDS = ("左", "右", "left", "right")
+
+
+def sided_captions(items: list[Item]) -> int:
+    """How many captions name a side: a horizontal flip mirrors the picture, not the words."""
+    return sum(any(w in item.text.lower() for w in SIDE_WORDS) for item in items)
+
+
 def list_items(data: str) -> tuple[list[Item], Counter]:
     """The (image path, caption) list of a JSONL/CSV file or an image+txt folder, and the entries
     skipped while listing (bad lines, missing captions), counted by reason."""

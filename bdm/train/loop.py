@@ -114,6 +114,10 @@ class Trainer:
                                     "Chinese CLIP folder, a BDM file, or 'toy')")
         self.resume_from = S.resolve_resume(c.resume, self.output) if c.resume else None
         self.data_kind, self.items, self.shards = self._list_data()
+        sided = D.sided_captions(self.items) if c.random_flip and self.items else 0
+        if sided and dist.main:
+            print(f"warning: {sided} of {len(self.items)} captions name a side (左/右, left/right) and --random-flip "
+                  "mirrors the pictures but not the captions; consider --no-random-flip", file=sys.stderr)
         self.tb = None
         if c.tensorboard and dist.main:
             try:
