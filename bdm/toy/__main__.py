@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     r.add_argument("--quick", action="store_true", help="tiny steps (for a build made with --quick)")
     e = sub.add_parser("eval", help="the paper's claims as measured numbers, with a contact sheet per row")
     e.add_argument("--weights", help="folder of toy weights (default: the package's)")
-    e.add_argument("--images", type=int, default=108, help="images per row (≥ 100 for the report)")
+    e.add_argument("--images", type=int, default=216, help="images per row (≥ 100 for the report)")
     e.add_argument("--output", default="toy-eval", help="folder for contact sheets and eval.json")
     e.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the toy default)")
     e.add_argument("--steps", type=int, default=20)

@@ -50,15 +50,20 @@ ROWS = [
         targets={"style": 80}),
     Row("controlnet", "BDM + ControlNet (bbox hint)", en_prompt="", controlnet=True, extra=["position"],
         targets={"position": 85}),
+    Row("controlnet_english", "reference: backbone + ControlNet, English prompt, no BDM", bdm=False, chinese=False,
+        controlnet=True, extra=["position"]),
     Row("dreambooth", "BDM on the fine-tuned backbone", checkpoint="dreambooth", en_prompt="", extra=["style"],
         targets={"style": 80}),
+    Row("dreambooth_english", "reference: fine-tuned backbone, English prompt, no BDM", checkpoint="dreambooth",
+        bdm=False, chinese=False, extra=["style"]),
     Row("ti", f"BDM + Textual Inversion (EN \"{TI}\")", en_prompt=TI, ti=True, extra=["size"],
         targets={"size": 80}),
     Row("chinese_only", "Chinese-only concept (五角星)", en_prompt="", chinese_only=True),
     Row("all", "all plugins together", checkpoint="dreambooth", en_prompt=f"{D.LORA_TRIGGER} {TI}",
         lora=LORA_WEIGHT, ti=True, controlnet=True, extra=["position", "size", "stripes", "outline"]),
 ]
-STYLE = {"lora": ("background", "striped"), "dreambooth": ("drawing", "outline")}
+STYLE = {"lora": ("background", "striped"), "dreambooth": ("drawing", "outline"),
+         "dreambooth_english": ("drawing", "outline")}
 
 
 def prompts(row: Row, n: int) -> list[dict]:
@@ -192,7 +197,7 @@ def contact_sheet(images: torch.Tensor, path: Path, columns: int = 12) -> None:
     sheet.save(path)
 
 
-def evaluate(weights=None, images: int = 108, output: str | Path | None = "toy-eval", cfg: float = DEFAULT_CFG,
+def evaluate(weights=None, images: int = 216, output: str | Path | None = "toy-eval", cfg: float = DEFAULT_CFG,
              steps: int = 20, sampler: str = DEFAULT_SAMPLER, rows: list[str] | None = None,
              world: World | None = None) -> dict:
     world = world or World(weights)
