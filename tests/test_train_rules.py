@@ -61,14 +61,11 @@ def load_english(ckpt):
     return load_checkpoint(ckpt).text_encoder.encode([""])
 
 
-@pytest.mark.parametrize("checkpoint_decoder", [(), (0, 2, 3)])
-def test_fast_training_forward_equals_attach(setup, checkpoint_decoder):
-    """no_grad encoder half + residuals by hand (decoder recomputed in backward or not) = the hooks of
-    bdm.attach, values and branch gradients; the backbone gets no gradients either way."""
-    import bdm
+def frozen_backbone_and_branch(setup):
+    """The tiny backbone (frozen), a branch from it with random weights, and inputs for two rows:
+    latents, timesteps, an English context [1, 77, 64] and Chinese contexts."""
     from bdm.bridge import Bridge
     from bdm.formats.checkpoint import load_unet
-    from bdm.train.model import backbone_eps
     from tests.util import randomize_
     _, ckpt, _ = setup
     unet = load_unet(ckpt).requires_grad_(False)
@@ -76,6 +73,16 @@ def test_fast_training_forward_equals_attach(setup, checkpoint_decoder):
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
     en, cn = torch.randn(1, 77, 64, generator=g), torch.randn(2, 52, 32, generator=g)
+    return unet, bridge, x, t, en, cn
+
+
+@pytest.mark.parametrize("checkpoint_decoder", [(), (0, 2, 3)])
+def test_fast_training_forward_equals_attach(setup, checkpoint_decoder):
+    """no_grad encoder half + residuals by hand (decoder recomputed in backward or not) = the hooks of
+    bdm.attach, values and branch gradients; the backbone gets no gradients either way."""
+    import bdm
+    from bdm.train.model import backbone_eps
+    unet, bridge, x, t, en, cn = frozen_backbone_and_branch(setup)
     down, mid = bridge(x, t, cn)
     ours = backbone_eps(unet, x, t, en.expand(2, -1, -1), down, mid, checkpoint_decoder)
     ours.square().sum().backward()
@@ -94,17 +101,10 @@ def test_lean_convolutions_save_less_for_the_same_gradients(setup, autocast):
     """The frozen decoder's convolutions, made lean, keep less for backward and give the same values and
     gradients for the branch's residuals (fp32, and under CPU bf16 autocast)."""
     from bdm.bench.train import SavedBytes
-    from bdm.bridge import Bridge
-    from bdm.formats.checkpoint import load_unet
     from bdm.train.lean import LeanConv2d, lean_convolutions
     from bdm.train.model import backbone_eps
-    from tests.util import randomize_
-    _, ckpt, _ = setup
-    unet = load_unet(ckpt).requires_grad_(False)
-    bridge = randomize_(Bridge.from_backbone(unet, 32), 3)
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
-    en, cn = torch.randn(2, 77, 64, generator=g), torch.randn(2, 52, 32, generator=g)
+    unet, bridge, x, t, en, cn = frozen_backbone_and_branch(setup)
+    en = en.expand(2, -1, -1)
     with torch.no_grad():
         down, mid = bridge(x, t, cn)
 

@@ -54,6 +54,11 @@ def scaled(steps: Steps, scale: float) -> Steps:
     """The same build with every stage's step count multiplied by `scale` (data sizes kept)."""
     names = ("vae", "backbone", "chinese_clip", "bdm", "lora", "controlnet", "dreambooth", "ti")
     return replace(steps, **{n: max(1, round(getattr(steps, n) * scale)) for n in names})
+
+
+def steps_for(quick: bool, scale: float) -> Steps:
+    """The step counts of a build or retrain: `QUICK`, or `FULL` times `scale`."""
+    return QUICK if quick else scaled(FULL, scale)
 QUICK = Steps(n_base=96, n_style=32, vae=3, vae_batch=8, judge=3, backbone=3, backbone_batch=8, chinese_clip=3,
               bdm=2, bdm_batch=4, lora=2, controlnet=2, dreambooth=2, ti=2, plugin_batch=4)
 
@@ -547,7 +552,7 @@ def retrain(names, weights: Path | None = None, seed: int = 0, scale: float = 1.
     out = Path(weights) if weights else paths.WEIGHTS
     if not (out / paths.backbone_checkpoint().name).is_file():
         raise FileNotFoundError(f"{out}: no {paths.backbone_checkpoint().name}; run `python -m bdm.toy build` first")
-    steps = QUICK if quick else scaled(FULL, scale) if scale != 1.0 else FULL
+    steps = steps_for(quick, scale)
     log = Log()
     with log.stage("data"):
         data = make_data(steps, seed)
@@ -572,7 +577,7 @@ def build(out_dir: Path | None = None, quick: bool = False, seed: int = 0, work:
     """Train every toy model and write them to `out_dir` (default: the package's weights folder)."""
     from ..formats.bdm_file import load_bdm
     from ..formats.checkpoint import save_checkpoint
-    steps = QUICK if quick else scaled(FULL, scale) if scale != 1.0 else FULL
+    steps = steps_for(quick, scale)
     out = Path(out_dir) if out_dir else paths.WEIGHTS
     out.mkdir(parents=True, exist_ok=True)
     import tempfile
