@@ -122,3 +122,68 @@ def test_trainer_amp_on_gpu_learns(tmp_path, tmp_path_factory, precision):
     first, last, steer = train_and_check_steering(tmp_path, tmp_path_factory, device="cuda",
                                                   mixed_precision=precision)
     print(f"\n{precision} on cuda: loss {first:.4f} → {last:.4f}, red−blue steering {steer:.2f}")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_step_equals_the_eager_step(sd15_on_gpu, precision):
+    """`bdm.train.graphs.GraphedLoss` replays the same kernels: loss and branch gradients as eager, on
+    two different batches through one graph (its inputs are copied in, not frozen at capture)."""
+    import copy
+
+    from bdm.train.graphs import GraphedLoss
+    from bdm.train.model import BridgeTrainingModel
+    unet, _, bridge, (x, t, en, cn) = sd15_on_gpu
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    model = BridgeTrainingModel(copy.deepcopy(unet).to(dtype or torch.float32), copy.deepcopy(bridge).train(),
+                                en[:1])
+    model.bridge.requires_grad_(True)
+    graphed = GraphedLoss(model, dtype)
+
+    def eager(*args):
+        with torch.autocast("cuda", dtype or torch.float16, enabled=dtype is not None):
+            return model.loss(*args)
+
+    def loss_and_grads(fn, *args):
+        model.bridge.zero_grad(set_to_none=True)
+        loss = fn(*args)
+        loss.backward()
+        return loss.detach().clone(), [p.grad.clone() for p in model.bridge.parameters()]
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for _ in range(2):
+        args = (torch.randn(x.shape, generator=g, device="cuda"), torch.randint(0, 1000, t.shape, generator=g,
+                device="cuda"), torch.randn(cn.shape, generator=g, device="cuda"),
+                torch.randn(x.shape, generator=g, device="cuda"))
+        loss_e, grads_e = loss_and_grads(eager, *args)
+        loss_g, grads_g = loss_and_grads(graphed, *args)
+        worst = max(relative_error(a, b) for a, b in zip(grads_g, grads_e) if b.norm() > 0)
+        print(f"\n{precision}: graphed vs eager loss {loss_g.item():.6f} / {loss_e.item():.6f}, "
+              f"worst gradient relative error {worst:.2e}")
+        assert torch.allclose(loss_g, loss_e, rtol=1e-5, atol=0), (loss_g, loss_e)
+        assert worst < (1e-5 if dtype is None else 1e-2), worst
+    assert len(graphed.graphs) == 1
+
+
+def test_trainer_with_cuda_graphs_equals_without(tmp_path, tmp_path_factory):
+    """The trainer's default on CUDA (graphed steps, fp32) trains the same weights as `--no-cuda-graphs`,
+    a short last batch included (eager, as its shape has no graph)."""
+    from safetensors.torch import load_file
+
+    from bdm.train import Trainer
+    from tests.test_train_support import config, shared_backbone, write_colour_set
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ckpt = shared_backbone(tmp_path_factory, pretrain_size=16)
+    data = write_colour_set(tmp_path / "data", per_colour=3, size=16)  # 12 pictures: batches of 5, 5, 2
+    results = {}
+    for graphs in (True, False):
+        out = tmp_path / f"graphs-{graphs}"
+        trainer = Trainer(config(out, ckpt, data, resolution=16, batch_size=5, epochs=2, cache_latents=True,
+                                 device="cuda", cuda_graphs=graphs, learning_rate=1e-3, save_dtype="fp32"))
+        trainer.run()
+        assert (trainer.graphed is not None) == graphs
+        results[graphs] = load_file(str(out / "out" / "bdm.safetensors"))
+    worst = max(relative_error(results[True][k], v) for k, v in results[False].items()
+                if v.is_floating_point() and v.float().norm() > 0)
+    print(f"\ntrainer graphed vs eager, fp32: worst relative weight difference {worst:.2e}")
+    assert worst < 1e-4, worst

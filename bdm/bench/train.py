@@ -6,10 +6,11 @@ plus a trainable `ControlNetModel` (fp32) whose residuals go in through
 Its hint encoder is replaced by zeros (BDM's branch has none), so both do the same arithmetic.
 Ours: `bdm.train.model.BridgeTrainingModel` (backbone encoder half without autograd, only the decoder
 half recorded, its frozen convolutions lean, the last N decoder blocks recomputed), fused AdamW where
-available. Same weights (`bdm.formats.diffusers_names`), same inputs.
+available, and on CUDA the step's forward and backward replayed as CUDA graphs (`bdm.train.graphs`), as
+the trainer does by default. Same weights (`bdm.formats.diffusers_names`), same inputs.
 
 Time: interleaved repeats (ours, peer, ours, peer, …), medians. Memory: on CUDA the peak allocated
-memory of a step; on CPU the bytes autograd keeps for backward (saved activations, unique storages)
+memory of a step (for ours with CUDA graphs: plus every byte the graphs' private pools reserve); on CPU the bytes autograd keeps for backward (saved activations, unique storages)
 plus trainable weights, gradients and optimizer state — the part of a step's peak that differs.
 """
 from __future__ import annotations
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint both branches")
     p.add_argument("--checkpoint-backbone", type=int, default=0, metavar="N",
                    help="ours: recompute the last N frozen decoder blocks in backward (the trainer's default: 0)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="ours: run the step eagerly on CUDA too (the trainer's --no-cuda-graphs)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     cpu = device.type == "cpu"
@@ -142,6 +145,9 @@ def main(argv=None) -> int:
         peer_cn.enable_gradient_checkpointing()
     opt_ours = _optimizer([q for q in ours.bridge.parameters()], fused=True)
     opt_peer = torch.optim.AdamW(peer_cn.parameters(), lr=1e-5)  # diffusers' trainer default
+    from ..train.graphs import GraphedLoss, graphs_possible
+    graphed = (GraphedLoss(ours, dtype if mp != "no" else None)
+               if a.cuda_graphs and graphs_possible(ours, device, False) is None else None)
     g = torch.Generator().manual_seed(0)
     lat = (batch, 4, height // 8, width // 8)
     x = torch.randn(lat, generator=g).to(device)
@@ -153,8 +159,11 @@ def main(argv=None) -> int:
     autocast = lambda: torch.autocast(device.type, dtype, enabled=mp != "no")
 
     def step_ours(measure=None):
-        with autocast(), (measure or _null()):
-            loss = ours.loss(x, t, cn, noise)
+        if graphed is not None:
+            loss = graphed(x, t, cn, noise)
+        else:
+            with autocast(), (measure or _null()):
+                loss = ours.loss(x, t, cn, noise)
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -194,7 +203,7 @@ def main(argv=None) -> int:
             dt, mem = timed(fn)
             times[name].append(dt)
             if mem is not None:
-                mems[name].append(mem)
+                mems[name].append(mem + (_graph_pool_bytes() if name == "ours" and graphed else 0))
     if cpu:  # bytes autograd keeps + trainable state
         m_ours, m_peer = SavedBytes(), SavedBytes()
         step_ours(m_ours)
@@ -206,13 +215,19 @@ def main(argv=None) -> int:
     what = "peak allocated" if not cpu else "autograd-saved + trainable state"
     print(f"config={a.config} device={device} ({torch.get_num_threads()} threads) {width}x{height} batch={batch} "
           f"mixed_precision={mp} gradient_checkpointing={a.gradient_checkpointing} "
-          f"checkpoint_backbone={a.checkpoint_backbone} repeats={a.repeats}")
+          f"checkpoint_backbone={a.checkpoint_backbone} cuda_graphs={graphed is not None} repeats={a.repeats}")
     print(f"first-step loss ours={l_ours:.5f} peer={l_peer:.5f} (same weights and inputs)")
     for name, tt, mm in (("ours", t_ours, mem_ours), ("peer", t_peer, mem_peer)):
         print(f"{name:5s} time/step median {tt * 1000:9.1f} ms  [{', '.join(f'{v * 1000:.0f}' for v in times[name])}]  "
               f"memory ({what}) {mm / 2**20:9.1f} MiB")
     print(f"RATIOS time ours/peer={t_ours / t_peer:.3f} memory ours/peer={mem_ours / mem_peer:.3f}")
     return 0
+
+
+def _graph_pool_bytes() -> int:
+    """Bytes reserved by CUDA graphs' private memory pools (the default pool is (0, 0))."""
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 class _null:

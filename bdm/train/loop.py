@@ -178,6 +178,14 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.model.branch = DDP(bridge, device_ids=[self.device] if self.device.type == "cuda" else None,
                                     broadcast_buffers=False)
+        self.graphed = None
+        if c.cuda_graphs:
+            from .graphs import GraphedLoss, graphs_possible
+            why_not = graphs_possible(self.model, self.device, dist.enabled)
+            if why_not is None:
+                self.graphed = GraphedLoss(self.model, None if c.mixed_precision == "no" else weight_dtype)
+            elif self.device.type == "cuda" and dist.main:
+                print(f"note: CUDA graphs off ({why_not})", file=sys.stderr)
         if dist.main:
             self.output.mkdir(parents=True, exist_ok=True)
             if c.tensorboard:
@@ -347,8 +355,11 @@ class Trainer:
         branch = self.model.branch
         ctx = branch.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
-            with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
-                loss = self.model.loss(z_t, t, chinese, noise)
+            if self.graphed is not None:
+                loss = self.graphed(z_t, t, chinese, noise)
+            else:
+                with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
+                    loss = self.model.loss(z_t, t, chinese, noise)
             scaled = loss / c.gradient_accumulation
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.item()
