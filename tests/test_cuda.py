@@ -126,28 +126,33 @@ def test_trainer_amp_on_gpu_learns(tmp_path, tmp_path_factory, precision):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_graph_step_equals_the_eager_step(sd15_on_gpu, precision):
-    """`bdm.train.graphs.GraphedLoss` replays the same kernels: loss and branch gradients as eager, on
-    two different batches through one graph (its inputs are copied in, not frozen at capture)."""
+    """`bdm.train.graphs.GraphedStep` replays the same kernels: loss and branch gradients as eager (within
+    the eager step's own run-to-run spread: flash attention's backward accumulates in varying order), on two
+    batches through one graph (inputs copied in, not frozen at capture), gradients accumulated in place."""
     import copy
 
-    from bdm.train.graphs import GraphedLoss
+    from bdm.train.graphs import GraphedStep
     from bdm.train.model import BridgeTrainingModel
     unet, _, bridge, (x, t, en, cn) = sd15_on_gpu
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     model = BridgeTrainingModel(copy.deepcopy(unet).to(dtype or torch.float32), copy.deepcopy(bridge).train(),
                                 en[:1])
     model.bridge.requires_grad_(True)
-    graphed = GraphedLoss(model, dtype)
+    step = GraphedStep(model, dtype)
+    half = torch.tensor(0.5, device="cuda")
 
     def eager(*args):
-        with torch.autocast("cuda", dtype or torch.float16, enabled=dtype is not None):
-            return model.loss(*args)
+        loss = step.loss(*args)
+        (loss * half).backward()
+        return loss
 
     def loss_and_grads(fn, *args):
-        model.bridge.zero_grad(set_to_none=True)
-        loss = fn(*args)
-        loss.backward()
+        model.bridge.zero_grad(set_to_none=False)
+        loss = fn(*args) if fn is eager else fn(*args, half)
         return loss.detach().clone(), [p.grad.clone() for p in model.bridge.parameters()]
+
+    def worst(a, b):
+        return max(relative_error(u, v) for u, v in zip(a, b) if v.norm() > 0)
 
     g = torch.Generator(device="cuda").manual_seed(5)
     for _ in range(2):
@@ -155,13 +160,18 @@ def test_cuda_graph_step_equals_the_eager_step(sd15_on_gpu, precision):
                 device="cuda"), torch.randn(cn.shape, generator=g, device="cuda"),
                 torch.randn(x.shape, generator=g, device="cuda"))
         loss_e, grads_e = loss_and_grads(eager, *args)
-        loss_g, grads_g = loss_and_grads(graphed, *args)
-        worst = max(relative_error(a, b) for a, b in zip(grads_g, grads_e) if b.norm() > 0)
-        print(f"\n{precision}: graphed vs eager loss {loss_g.item():.6f} / {loss_e.item():.6f}, "
-              f"worst gradient relative error {worst:.2e}")
+        _, grads_e2 = loss_and_grads(eager, *args)
+        loss_g, grads_g = loss_and_grads(step, *args)
+        spread, diff = worst(grads_e2, grads_e), worst(grads_g, grads_e)
+        print(f"\n{precision}: graphed vs eager loss {loss_g.item():.6f} / {loss_e.item():.6f}; worst gradient "
+              f"relative difference graphed-eager {diff:.2e}, eager-eager {spread:.2e}")
         assert torch.allclose(loss_g, loss_e, rtol=1e-5, atol=0), (loss_g, loss_e)
-        assert worst < (1e-5 if dtype is None else 1e-2), worst
-    assert len(graphed.graphs) == 1
+        assert diff <= 3 * spread + (1e-5 if dtype is None else 1e-3), (diff, spread)
+    model.bridge.zero_grad(set_to_none=False)
+    step(*args, half)
+    step(*args, half)  # accumulates: twice the gradient of one
+    assert worst([p.grad / 2 for p in model.bridge.parameters()], grads_g) <= 3 * spread + 1e-3
+    assert len(step.graphs) == 1
 
 
 def test_trainer_with_cuda_graphs_equals_without(tmp_path, tmp_path_factory):

@@ -10,7 +10,8 @@ available, and on CUDA the step's forward and backward replayed as CUDA graphs (
 the trainer does by default. Same weights (`bdm.formats.diffusers_names`), same inputs.
 
 Time: interleaved repeats (ours, peer, ours, peer, …), medians. Memory: on CUDA the peak allocated
-memory of a step (for ours with CUDA graphs: plus every byte the graphs' private pools reserve); on CPU the bytes autograd keeps for backward (saved activations, unique storages)
+memory of a step (for ours with CUDA graphs: plus every byte the graphs' private pools reserve and the
+gradients, kept allocated between steps); on CPU the bytes autograd keeps for backward (saved activations, unique storages)
 plus trainable weights, gradients and optimizer state — the part of a step's peak that differs.
 """
 from __future__ import annotations
@@ -145,8 +146,8 @@ def main(argv=None) -> int:
         peer_cn.enable_gradient_checkpointing()
     opt_ours = _optimizer([q for q in ours.bridge.parameters()], fused=True)
     opt_peer = torch.optim.AdamW(peer_cn.parameters(), lr=1e-5)  # diffusers' trainer default
-    from ..train.graphs import GraphedLoss, graphs_possible
-    graphed = (GraphedLoss(ours, dtype if mp != "no" else None)
+    from ..train.graphs import GraphedStep, graphs_possible
+    graphed = (GraphedStep(ours, dtype if mp != "no" else None)
                if a.cuda_graphs and graphs_possible(ours, device, False) is None else None)
     g = torch.Generator().manual_seed(0)
     lat = (batch, 4, height // 8, width // 8)
@@ -156,17 +157,18 @@ def main(argv=None) -> int:
     cn = torch.randn(batch, 52, cn_dim, generator=g).to(device)
     hint = torch.zeros(batch, 3, height, width, device=device)
     en = english.expand(batch, -1, -1)
+    one = torch.ones((), device=device)
     autocast = lambda: torch.autocast(device.type, dtype, enabled=mp != "no")
 
     def step_ours(measure=None):
-        if graphed is not None:
-            loss = graphed(x, t, cn, noise)
+        if graphed is not None:  # forward and backward in one replay
+            loss = graphed(x, t, cn, noise, one)
         else:
             with autocast(), (measure or _null()):
                 loss = ours.loss(x, t, cn, noise)
-        loss.backward()
+            loss.backward()
         opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+        opt_ours.zero_grad(set_to_none=graphed is None)
         return loss.item()
 
     def step_peer(measure=None):
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
             dt, mem = timed(fn)
             times[name].append(dt)
             if mem is not None:
-                mems[name].append(mem + (_graph_pool_bytes() if name == "ours" and graphed else 0))
+                mems[name].append(mem + (_graphed_extra(ours) if name == "ours" and graphed else 0))
     if cpu:  # bytes autograd keeps + trainable state
         m_ours, m_peer = SavedBytes(), SavedBytes()
         step_ours(m_ours)
@@ -224,10 +226,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _graph_pool_bytes() -> int:
-    """Bytes reserved by CUDA graphs' private memory pools (the default pool is (0, 0))."""
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+def _graphed_extra(ours) -> int:
+    """What a graphed step holds outside the step's own allocations: every byte the CUDA graphs' private
+    pools reserve (the default pool is (0, 0)) and the gradients, which stay allocated between steps."""
+    pools = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+    return pools + sum(p.grad.numel() * p.grad.element_size() for p in ours.bridge.parameters() if p.grad is not None)
 
 
 class _null:

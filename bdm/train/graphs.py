@@ -1,35 +1,24 @@
-"""CUDA graphs of the training step's forward and backward (`torch.cuda.make_graphed_callables`).
+"""One CUDA graph per batch shape for a training micro-step: forward, loss and backward.
 
 Why: at the usual per-GPU batch sizes a fast GPU finishes the UNet's thousands of small kernels
-faster than Python can launch them, so a step is bound by the CPU. A CUDA graph records the kernels of
-one forward and one backward once and replays them with a single launch each: the same kernels, the
-same numbers, a fraction of the CPU time. Static shapes only: each input shape gets its own graph (up
-to `max_graphs`; other shapes, e.g. a short last batch, run eagerly). Each graph keeps a private memory
-pool the size of one step's activations.
+faster than Python can launch them, so an eager step is bound by the CPU. A CUDA graph records the
+kernels of one forward + backward once and replays them with a single launch: the same kernels, the
+same numbers, a fraction of the CPU time.
+
+The backward is captured with the branch's `.grad` tensors already allocated, so it accumulates into
+them in place (as eager autograd does into existing gradients): no second copy of the gradients, and
+gradient accumulation works unchanged. The caller must therefore zero gradients in place
+(`optimizer.zero_grad(set_to_none=False)`), never drop them. Inputs are copied into static buffers
+before each replay. Shapes without a graph yet are captured (up to `max_graphs`, all sharing one memory
+pool: they never run at the same time); beyond that they run eagerly.
 
 Not used where it cannot work: on CPU, under DistributedDataParallel (its gradient hooks run outside
-the graph), with activation checkpointing (`torch.utils.checkpoint` does not replay under
-`torch.autograd.grad`).
+the graph), with activation checkpointing (recomputation inside a captured backward).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-class _StepLoss(nn.Module):
-    """The model's loss under autocast (its cast cache off, as capture requires); the parameters it
-    owns are what the graphed backward returns gradients for."""
-
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None):
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-
-    def forward(self, z_t, t, chinese, noise):
-        enabled = self.autocast_dtype is not None
-        with torch.autocast("cuda", self.autocast_dtype or torch.float16, enabled=enabled, cache_enabled=False):
-            return self.model.loss(z_t, t, chinese, noise)
 
 
 def graphs_possible(model: nn.Module, device: torch.device, distributed: bool) -> str | None:
@@ -43,30 +32,59 @@ def graphs_possible(model: nn.Module, device: torch.device, distributed: bool) -
     return None
 
 
-class GraphedLoss:
-    """`loss = graphed(z_t, t, chinese, noise)`; `loss.backward()` replays the backward graph, and the
-    branch's `.grad` fill as in eager mode. Call it outside autocast (it applies `autocast_dtype`)."""
+class GraphedStep:
+    """`loss = step(z_t, t, chinese, noise, grad_factor)`: adds ∂(loss · grad_factor)/∂θ to the branch's
+    `.grad` and returns the (unscaled) loss. `grad_factor` is a 0-dim CUDA tensor (1 / accumulation,
+    times the loss scale under fp16). Call it outside autocast: it applies `autocast_dtype` itself."""
 
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, max_graphs: int = 1):
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, max_graphs: int = 8,
+                 warmup: int = 2):
         self.model, self.autocast_dtype = model, autocast_dtype
-        self.eager = _StepLoss(model, autocast_dtype)
-        self.max_graphs = max_graphs
-        self.graphs: dict[tuple, object] = {}
+        self.max_graphs, self.warmup = max_graphs, warmup
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
 
-    @staticmethod
-    def _key(args) -> tuple:
-        return tuple((tuple(a.shape), a.dtype) for a in args)
+    def loss(self, z_t, t, chinese, noise) -> torch.Tensor:
+        """The model's loss under autocast (cast cache off: a graph must not keep casts across replays)."""
+        enabled = self.autocast_dtype is not None
+        with torch.autocast("cuda", self.autocast_dtype or torch.float16, enabled=enabled, cache_enabled=False):
+            return self.model.loss(z_t, t, chinese, noise)
 
-    def __call__(self, z_t, t, chinese, noise) -> torch.Tensor:
-        args = (z_t, t, chinese, noise)
-        key = self._key(args)
-        graphed = self.graphs.get(key)
-        if graphed is None and len(self.graphs) < self.max_graphs:
-            sample = tuple(a.detach().clone() for a in args)
-            # a wrapper of its own per graph: make_graphed_callables replaces the wrapper's forward
-            graphed = torch.cuda.make_graphed_callables(_StepLoss(self.model, self.autocast_dtype), sample,
-                                                     allow_unused_input=True)
-            self.graphs[key] = graphed
-        if graphed is None:
-            return self.eager(*args)
-        return graphed(*args)
+    def _capture(self, inputs: tuple) -> tuple:
+        static = tuple(a.detach().clone() for a in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (library handles, kernel choices) without touching .grad
+            for _ in range(self.warmup):
+                torch.autograd.grad(self.loss(*static[:4]) * static[4], self.params, allow_unused=True)
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self.loss(*static[:4])
+            (loss * static[4]).backward()
+        self.pool = graph.pool() if self.pool is None else self.pool
+        if any(p.grad is not g for p, g in zip(self.params, grads)):
+            raise RuntimeError("CUDA graph capture: autograd replaced a .grad tensor instead of accumulating "
+                               "into it; train with --no-cuda-graphs")
+        return graph, static, loss
+
+    def __call__(self, z_t, t, chinese, noise, grad_factor: torch.Tensor) -> torch.Tensor:
+        inputs = (z_t, t, chinese, noise, grad_factor.float().reshape(()))
+        key = tuple((tuple(a.shape), a.dtype) for a in inputs)
+        entry = self.graphs.get(key)
+        if entry is None and len(self.graphs) < self.max_graphs:
+            entry = self.graphs[key] = self._capture(inputs)
+        if entry is None:
+            loss = self.loss(z_t, t, chinese, noise)
+            (loss * inputs[4]).backward()
+            return loss.detach()
+        graph, static, loss = entry
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        return loss.detach().clone()

@@ -180,10 +180,10 @@ class Trainer:
                                     broadcast_buffers=False)
         self.graphed = None
         if c.cuda_graphs:
-            from .graphs import GraphedLoss, graphs_possible
+            from .graphs import GraphedStep, graphs_possible
             why_not = graphs_possible(self.model, self.device, dist.enabled)
             if why_not is None:
-                self.graphed = GraphedLoss(self.model, None if c.mixed_precision == "no" else weight_dtype)
+                self.graphed = GraphedStep(self.model, None if c.mixed_precision == "no" else weight_dtype)
             elif self.device.type == "cuda" and dist.main:
                 print(f"note: CUDA graphs off ({why_not})", file=sys.stderr)
         if dist.main:
@@ -354,12 +354,13 @@ class Trainer:
         z_t, t, chinese, noise = self.batch_inputs(batch)
         branch = self.model.branch
         ctx = branch.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+        if self.graphed is not None:  # forward and backward in one replay
+            factor = torch.full((), 1.0 / c.gradient_accumulation, device=self.device)
+            return self.graphed(z_t, t, chinese, noise,
+                                self.scaler.scale(factor) if self.scaler is not None else factor).item()
         with ctx:
-            if self.graphed is not None:
-                loss = self.graphed(z_t, t, chinese, noise)
-            else:
-                with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
-                    loss = self.model.loss(z_t, t, chinese, noise)
+            with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
+                loss = self.model.loss(z_t, t, chinese, noise)
             scaled = loss / c.gradient_accumulation
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.item()
@@ -377,7 +378,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a graph accumulates into its .grad
         if self.ema is not None:
             self.ema.update(self.bridge)
         return float(norm)
