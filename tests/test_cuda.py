@@ -128,7 +128,7 @@ def test_trainer_amp_on_gpu_learns(tmp_path, tmp_path_factory, precision):
 def test_cuda_graph_step_equals_the_eager_step(sd15_on_gpu, precision):
     """`bdm.train.graphs.GraphedStep` replays the same kernels: loss and branch gradients as eager (within
     the eager step's own run-to-run spread: flash attention's backward accumulates in varying order), on two
-    batches through one graph (inputs copied in, not frozen at capture), gradients accumulated in place."""
+    batches through one graph (inputs copied in, not frozen at capture); accumulating micro-steps add."""
     import copy
 
     from bdm.train.graphs import GraphedStep
@@ -167,16 +167,17 @@ def test_cuda_graph_step_equals_the_eager_step(sd15_on_gpu, precision):
               f"relative difference graphed-eager {diff:.2e}, eager-eager {spread:.2e}")
         assert torch.allclose(loss_g, loss_e, rtol=1e-5, atol=0), (loss_g, loss_e)
         assert diff <= 3 * spread + (1e-5 if dtype is None else 1e-3), (diff, spread)
-    model.bridge.zero_grad(set_to_none=False)
-    step(*args, half)
-    step(*args, half)  # accumulates: twice the gradient of one
+    step(*args, half)  # writes the gradients afresh (the first graph)
+    step(*args, half, accumulate=True)  # adds (a second graph): twice the gradient of one
     assert worst([p.grad / 2 for p in model.bridge.parameters()], grads_g) <= 3 * spread + 1e-3
-    assert len(step.graphs) == 1
+    step(*args, half)
+    assert worst([p.grad for p in model.bridge.parameters()], grads_g) <= 3 * spread + 1e-3
+    assert len(step.graphs) == 2
 
 
 def test_trainer_with_cuda_graphs_equals_without(tmp_path, tmp_path_factory):
     """The trainer's default on CUDA (graphed steps, fp32) trains the same weights as `--no-cuda-graphs`,
-    a short last batch included (eager, as its shape has no graph)."""
+    with gradient accumulation (graphs that write and graphs that add) and a short batch (a shape of its own)."""
     from safetensors.torch import load_file
 
     from bdm.train import Trainer
@@ -188,7 +189,7 @@ def test_trainer_with_cuda_graphs_equals_without(tmp_path, tmp_path_factory):
     results = {}
     for graphs in (True, False):
         out = tmp_path / f"graphs-{graphs}"
-        trainer = Trainer(config(out, ckpt, data, resolution=16, batch_size=5, epochs=2, cache_latents=True,
+        trainer = Trainer(config(out, ckpt, data, resolution=16, batch_size=5, epochs=3, cache_latents=True, gradient_accumulation=2,
                                  device="cuda", cuda_graphs=graphs, learning_rate=1e-3, save_dtype="fp32"))
         trainer.run()
         assert (trainer.graphed is not None) == graphs

@@ -222,16 +222,21 @@ def main(argv=None) -> int:
     for name, tt, mm in (("ours", t_ours, mem_ours), ("peer", t_peer, mem_peer)):
         print(f"{name:5s} time/step median {tt * 1000:9.1f} ms  [{', '.join(f'{v * 1000:.0f}' for v in times[name])}]  "
               f"memory ({what}) {mm / 2**20:9.1f} MiB")
+    if graphed is not None:
+        print(f"ours: {len(graphed.graphs)} CUDA graph(s), memory counted above includes "
+              f"{_graphed_extra(ours) / 2**20:.1f} MiB of graph pools and gradients kept between steps")
     print(f"RATIOS time ours/peer={t_ours / t_peer:.3f} memory ours/peer={mem_ours / mem_peer:.3f}")
     return 0
 
 
 def _graphed_extra(ours) -> int:
     """What a graphed step holds outside the step's own allocations: every byte the CUDA graphs' private
-    pools reserve (the default pool is (0, 0)) and the gradients, which stay allocated between steps."""
-    pools = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-                if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
-    return pools + sum(p.grad.numel() * p.grad.element_size() for p in ours.bridge.parameters() if p.grad is not None)
+    pools reserve (the default pool is (0, 0)), and the gradients where they lie outside those pools."""
+    pools = [(seg["address"], seg["address"] + seg["total_size"]) for seg in torch.cuda.memory_snapshot()
+             if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
+    grads = [p.grad for p in ours.bridge.parameters() if p.grad is not None]
+    outside = [g for g in grads if not any(lo <= g.data_ptr() < hi for lo, hi in pools)]
+    return sum(hi - lo for lo, hi in pools) + sum(g.numel() * g.element_size() for g in outside)
 
 
 class _null:

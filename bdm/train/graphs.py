@@ -5,12 +5,9 @@ faster than Python can launch them, so an eager step is bound by the CPU. A CUDA
 kernels of one forward + backward once and replays them with a single launch: the same kernels, the
 same numbers, a fraction of the CPU time.
 
-The backward is captured with the branch's `.grad` tensors already allocated, so it accumulates into
-them in place (as eager autograd does into existing gradients): no second copy of the gradients, and
-gradient accumulation works unchanged. The caller must therefore zero gradients in place
-(`optimizer.zero_grad(set_to_none=False)`), never drop them. Inputs are copied into static buffers
-before each replay. Shapes without a graph yet are captured (up to `max_graphs`, all sharing one memory
-pool: they never run at the same time); beyond that they run eagerly.
+Gradients: see `GraphedStep`. Inputs are copied into static buffers before each replay. Shapes without
+a graph yet are captured (up to `max_graphs`, all sharing one memory pool: they never run at the same
+time); beyond that they run eagerly.
 
 Not used where it cannot work: on CPU, under DistributedDataParallel (its gradient hooks run outside
 the graph), with activation checkpointing (recomputation inside a captured backward).
@@ -33,9 +30,17 @@ def graphs_possible(model: nn.Module, device: torch.device, distributed: bool) -
 
 
 class GraphedStep:
-    """`loss = step(z_t, t, chinese, noise, grad_factor)`: adds ∂(loss · grad_factor)/∂θ to the branch's
-    `.grad` and returns the (unscaled) loss. `grad_factor` is a 0-dim CUDA tensor (1 / accumulation,
-    times the loss scale under fp16). Call it outside autocast: it applies `autocast_dtype` itself."""
+    """`loss = step(z_t, t, chinese, noise, grad_factor, accumulate)`: puts ∂(loss · grad_factor)/∂θ into
+    the branch's `.grad` (added to it when `accumulate`) and returns the (unscaled) loss. `grad_factor` is
+    a 0-dim CUDA tensor (1 / accumulation, times the loss scale under fp16). Call it outside autocast: it
+    applies `autocast_dtype` itself.
+
+    The first graph is captured with no `.grad` allocated: autograd hands each computed gradient to
+    `.grad` without a copy, so the gradients live in the graph's memory pool and every replay writes them
+    afresh (no second copy of the gradients, no zeroing). Graphs captured later (other shapes, or
+    accumulating micro-steps) add into those same tensors in place. The gradients must therefore never
+    be dropped: zero them with `optimizer.zero_grad(set_to_none=False)`.
+    """
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, max_graphs: int = 8,
                  warmup: int = 2):
@@ -43,6 +48,7 @@ class GraphedStep:
         self.max_graphs, self.warmup = max_graphs, warmup
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graphs: dict[tuple, tuple] = {}
+        self.grads: list[torch.Tensor] | None = None  # the static gradients, once a graph has made them
         self.pool = None
 
     def loss(self, z_t, t, chinese, noise) -> torch.Tensor:
@@ -51,7 +57,7 @@ class GraphedStep:
         with torch.autocast("cuda", self.autocast_dtype or torch.float16, enabled=enabled, cache_enabled=False):
             return self.model.loss(z_t, t, chinese, noise)
 
-    def _capture(self, inputs: tuple) -> tuple:
+    def _capture(self, inputs: tuple, overwrite: bool) -> tuple:
         static = tuple(a.detach().clone() for a in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -59,27 +65,52 @@ class GraphedStep:
             for _ in range(self.warmup):
                 torch.autograd.grad(self.loss(*static[:4]) * static[4], self.params, allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
+        if overwrite:
+            for p in self.params:
+                p.grad = None
+        else:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        before = [p.grad for p in self.params]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             loss = self.loss(*static[:4])
             (loss * static[4]).backward()
         self.pool = graph.pool() if self.pool is None else self.pool
-        if any(p.grad is not g for p, g in zip(self.params, grads)):
+        for p in self.params:  # a parameter the loss does not reach still gets a (zero) gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if overwrite:
+            self.grads = [p.grad for p in self.params]
+        elif any(p.grad is not g for p, g in zip(self.params, before)):
             raise RuntimeError("CUDA graph capture: autograd replaced a .grad tensor instead of accumulating "
                                "into it; train with --no-cuda-graphs")
         return graph, static, loss
 
-    def __call__(self, z_t, t, chinese, noise, grad_factor: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z_t, t, chinese, noise, grad_factor: torch.Tensor, accumulate: bool = False
+                 ) -> torch.Tensor:
         inputs = (z_t, t, chinese, noise, grad_factor.float().reshape(()))
-        key = tuple((tuple(a.shape), a.dtype) for a in inputs)
+        if self.grads is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):
+            raise RuntimeError("the branch's .grad tensors were replaced or dropped; with CUDA graphs zero "
+                               "them in place (optimizer.zero_grad(set_to_none=False))")
+        shape = tuple((tuple(a.shape), a.dtype) for a in inputs)
+        room = len(self.graphs) < self.max_graphs
+        if not accumulate and ((shape, "write") in self.graphs or (self.grads is None and room)):
+            key = (shape, "write")
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(inputs, overwrite=True)
+        else:
+            key = (shape, "add")
+            if not accumulate:
+                with torch.no_grad():
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad.zero_()
+            if key not in self.graphs and room:
+                self.graphs[key] = self._capture(inputs, overwrite=False)
         entry = self.graphs.get(key)
-        if entry is None and len(self.graphs) < self.max_graphs:
-            entry = self.graphs[key] = self._capture(inputs)
-        if entry is None:
+        if entry is None:  # eager; autograd adds into the existing gradients
             loss = self.loss(z_t, t, chinese, noise)
             (loss * inputs[4]).backward()
             return loss.detach()

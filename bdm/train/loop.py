@@ -349,7 +349,8 @@ class Trainer:
             z_t = self.schedule.add_noise(z0, noise, t)
         return z_t, t, chinese, noise
 
-    def micro_step(self, batch: dict, sync: bool) -> float:
+    def micro_step(self, batch: dict, sync: bool, accumulate: bool = False) -> float:
+        """Forward and backward of one micro-batch; `accumulate`: not the first of its optimizer step."""
         c = self.config
         z_t, t, chinese, noise = self.batch_inputs(batch)
         branch = self.model.branch
@@ -357,7 +358,7 @@ class Trainer:
         if self.graphed is not None:  # forward and backward in one replay
             factor = torch.full((), 1.0 / c.gradient_accumulation, device=self.device)
             return self.graphed(z_t, t, chinese, noise,
-                                self.scaler.scale(factor) if self.scaler is not None else factor).item()
+                                self.scaler.scale(factor) if self.scaler is not None else factor, accumulate).item()
         with ctx:
             with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
                 loss = self.model.loss(z_t, t, chinese, noise)
@@ -378,7 +379,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a graph accumulates into its .grad
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a graph's gradients stay where they are
         if self.ema is not None:
             self.ema.update(self.bridge)
         return float(norm)
@@ -412,7 +413,7 @@ class Trainer:
                 losses = []
                 for micro in range(c.gradient_accumulation):
                     batch = self._take(it)
-                    losses.append(self.micro_step(batch, sync=micro == c.gradient_accumulation - 1))
+                    losses.append(self.micro_step(batch, sync=micro == c.gradient_accumulation - 1, accumulate=micro > 0))
                 grad_norm = self.optimizer_step()
                 self.step += 1
                 loss = sum(losses) / len(losses)
