@@ -42,11 +42,14 @@ def test_retrain_of_a_stage_equals_the_builds_stage(quick, tmp_path, capsys):
     from bdm.toy.__main__ import main
     copy = tmp_path / "weights"
     shutil.copytree(quick, copy)
-    (copy / paths.controlnet_file().name).unlink()
-    assert main(["retrain", "controlnet", "--quick", "--weights", str(copy), "--threads", "1"]) == 0
-    name = paths.controlnet_file().name
-    assert (quick / name).read_bytes() == (copy / name).read_bytes()
-    assert "controlnet" in json.loads((copy / "build.json").read_text())["retrained"]
+    for name in (paths.controlnet_file().name, paths.bdm_file().name):
+        (copy / name).unlink()
+    # named out of order: the Chinese CLIP is still trained before the BDM that reads it
+    assert main(["retrain", "bdm", "controlnet", "chinese_clip", "--quick", "--weights", str(copy),
+                 "--threads", "1"]) == 0
+    for name in (paths.controlnet_file().name, paths.bdm_file().name):
+        assert (quick / name).read_bytes() == (copy / name).read_bytes(), name
+    assert {"controlnet", "chinese_clip", "bdm"} <= set(json.loads((copy / "build.json").read_text())["retrained"])
     assert run(main, ["retrain", "vae", "--weights", str(copy)]) == 2
     assert "unknown stage" in capsys.readouterr().err
 

@@ -14,13 +14,13 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="train every toy model from scratch (deterministic)")
     b.add_argument("--quick", action="store_true", help="tiny steps: a smoke test of the whole build path")
     b.add_argument("--output", help="folder for the weights (default: the package's bdm/toy/weights)")
-    b.add_argument("--work", help="folder for intermediate files (default: a temporary folder)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, help="torch CPU threads (on a shared, busy machine 1 is often faster)")
     b.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (e.g. 0.5 on a "
                    "busy machine; the committed weights record theirs in build.json)")
-    r = sub.add_parser("retrain", help="retrain the judge or plugin stages from the built backbone (the rest stays)")
-    r.add_argument("stages", nargs="+", metavar="STAGE", help="judge, lora, controlnet, dreambooth, ti")
+    r = sub.add_parser("retrain", help="retrain stages from the built backbone (the rest stays)")
+    r.add_argument("stages", nargs="+", metavar="STAGE", help="chinese_clip, bdm (reads the new or the shipped Chinese CLIP), judge, lora, "
+                   "controlnet, dreambooth, ti")
     r.add_argument("--weights", help="folder of a finished build (default: the package's bdm/toy/weights)")
     r.add_argument("--seed", type=int, default=0, help="the build's seed")
     r.add_argument("--threads", type=int, help="torch CPU threads")
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.command == "build":
         from .build import build
-        build(args.output, quick=args.quick, seed=args.seed, work=args.work, scale=args.scale)
+        build(args.output, quick=args.quick, seed=args.seed, scale=args.scale)
     elif args.command == "retrain":
         from .build import retrain
         retrain(args.stages, args.weights, seed=args.seed, scale=args.scale, quick=args.quick)
