@@ -206,3 +206,21 @@ def test_amp_checkpointing_ema_and_validation_images(setup, tmp_path):
     assert result["step"] == 2 and all(h["loss"] == h["loss"] for h in result["history"])  # finite
     grid = Image.open(tmp_path / "out" / "validation" / "step-0000002.png")
     assert grid.size == (32, 16)  # two 16×16 images in a row
+
+
+def test_cuda_graphs_are_used_only_where_they_can_work(setup, tmp_path):
+    """`--cuda-graphs` (default on) graphs the step only on one CUDA device without checkpointing; on the
+    CPU the trainer runs eagerly (the graphed step itself is checked against eager in tests/test_cuda.py)."""
+    from bdm.train import Trainer
+    from bdm.train.graphs import graphs_possible
+    _, ckpt, data = setup
+    trainer = Trainer(config(tmp_path, ckpt, data, resolution=16, max_steps=1)).prepare()
+    assert trainer.config.cuda_graphs and trainer.graphed is None
+    model, cuda = trainer.model, torch.device("cuda")
+    assert "CUDA device" in graphs_possible(model, torch.device("cpu"), False)
+    assert graphs_possible(model, cuda, False) is None
+    assert "DistributedDataParallel" in graphs_possible(model, cuda, True)
+    model.checkpoint_backbone = 3
+    assert "checkpointing" in graphs_possible(model, cuda, False)
+    model.checkpoint_backbone, model.bridge.gradient_checkpointing = 0, True
+    assert "checkpointing" in graphs_possible(model, cuda, False)
