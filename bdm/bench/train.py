@@ -11,8 +11,8 @@ the trainer does by default. Same weights (`bdm.formats.diffusers_names`), same 
 
 Time: interleaved repeats (ours, peer, ours, peer, …), medians. Memory: on CUDA the peak allocated
 memory of a step (for ours with CUDA graphs: plus every byte the graphs' private pools reserve and the
-gradients, kept allocated between steps); on CPU the bytes autograd keeps for backward (saved activations, unique storages)
-plus trainable weights, gradients and optimizer state — the part of a step's peak that differs.
+gradients, kept allocated between steps); on CPU the bytes autograd keeps for backward (saved activations,
+unique storages) plus trainable weights, gradients and optimizer state — the part of a step's peak that differs.
 """
 from __future__ import annotations
 

@@ -19,8 +19,9 @@ def main(argv=None) -> int:
     b.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (e.g. 0.5 on a "
                    "busy machine; the committed weights record theirs in build.json)")
     r = sub.add_parser("retrain", help="retrain stages from the built backbone (the rest stays)")
-    r.add_argument("stages", nargs="+", metavar="STAGE", help="chinese_clip, bdm (reads the new or the shipped Chinese CLIP), judge, lora, "
-                   "controlnet, dreambooth, ti")
+    r.add_argument("stages", nargs="+", metavar="STAGE",
+                   help="chinese_clip, bdm (reads the new or the shipped Chinese CLIP), judge, lora, controlnet, "
+                   "dreambooth, ti")
     r.add_argument("--weights", help="folder of a finished build (default: the package's bdm/toy/weights)")
     r.add_argument("--seed", type=int, default=0, help="the build's seed")
     r.add_argument("--threads", type=int, help="torch CPU threads")

@@ -2,9 +2,9 @@
 
 Stages (each prints its time): data → VAE → latents → English SD (UNet + CLIP text tower) →
 toy Chinese CLIP (contrastive) → BDM (`python -m bdm.train`) → judge → LoRA → ControlNet → DreamBooth →
-Textual Inversion → write `bdm/toy/weights/`. All latent-space stages reuse one set of latents; the
-plugins train on the shipped (fp16) backbone, each from its own random stream, so
-`python -m bdm.toy retrain controlnet` redoes that stage alone exactly as a full build would.
+Textual Inversion → write `bdm/toy/weights/`. Every stage after the English SD trains on the shipped
+(fp16) backbone and its VAE's latents, each from its own random stream, so `python -m bdm.toy retrain
+STAGE…` redoes stages alone exactly as a full build would.
 """
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def scaled(steps: Steps, scale: float) -> Steps:
 def steps_for(quick: bool, scale: float) -> Steps:
     """The step counts of a build or retrain: `QUICK`, or `FULL` times `scale`."""
     return QUICK if quick else scaled(FULL, scale)
+
+
 QUICK = Steps(n_base=96, n_style=32, vae=3, vae_batch=8, judge=3, backbone=3, backbone_batch=8, chinese_clip=3,
               bdm=2, bdm_batch=4, lora=2, controlnet=2, dreambooth=2, ti=2, plugin_batch=4)
 
@@ -507,6 +509,7 @@ def train_from_shipped(out: Path, data: dict[str, Pool], steps: Steps, seed: int
     the judge (on the shipped VAE), the community plugins; write them to `out` in their real formats.
     The BDM reads the Chinese CLIP trained in the same call, else the one in `out`'s BDM file. Returns the
     judge's accuracies when it was trained."""
+    from ..formats.bdm_file import load_bdm
     from ..formats.checkpoint import load_checkpoint, save_checkpoint
     from ..formats.controlnet import save_controlnet
     from ..formats.embedding import save_embedding
@@ -524,7 +527,6 @@ def train_from_shipped(out: Path, data: dict[str, Pool], steps: Steps, seed: int
             with log.stage("Chinese CLIP"):
                 chinese = train_chinese_clip(data["base"], steps, gen, seed)
         elif name == "bdm":
-            from ..formats.bdm_file import load_bdm
             if chinese is None:
                 chinese = load_bdm(out / paths.bdm_file().name).text_encoder.float()
             with log.stage("BDM (python -m bdm.train)"), tempfile.TemporaryDirectory(prefix="bdm-toy-") as work:
@@ -540,7 +542,8 @@ def train_from_shipped(out: Path, data: dict[str, Pool], steps: Steps, seed: int
                                  {"what": "toy judge: colour, shape, position, size, background, drawing"})
         elif name == "lora":
             with log.stage("LoRA"):
-                save_safetensors(out / paths.lora_file().name, train_lora(unet, text, data["striped"], steps, gen, seed),
+                lora = train_lora(unet, text, data["striped"], steps, gen, seed)
+                save_safetensors(out / paths.lora_file().name, lora,
                                  {"ss_network_module": "networks.lora", "ss_network_dim": "4",
                                   "ss_network_alpha": "4.0", "trigger_word": D.LORA_TRIGGER})
         elif name == "controlnet":

@@ -82,8 +82,8 @@ class TrainConfig:
                                       "instead of keeping their activations (3: SD1's full-resolution level, the "
                                       "most memory per unit of recompute, ~10-20 %% more time; 0: none)")
     cuda_graphs: bool = opt(True, "on one CUDA device, replay each step's forward and backward as CUDA graphs "
-                                  "(the same kernels and numbers, far less CPU launch time; one graph for the first "
-                                  "batch shape, other shapes run eagerly; not under torchrun or with checkpointing)")
+                                  "(the same kernels and numbers, far less CPU launch time; one graph per batch "
+                                  "shape, up to 8, then eager; not under torchrun or with checkpointing)")
     ema: bool = opt(False, "keep an exponential moving average of the branch; exported files use it")
     ema_decay: float = opt(0.9999, "EMA decay (with the usual (1+n)/(10+n) warm-up)")
     # -- run -----------------------------------------------------------------------------------

@@ -353,12 +353,12 @@ class Trainer:
         """Forward and backward of one micro-batch; `accumulate`: not the first of its optimizer step."""
         c = self.config
         z_t, t, chinese, noise = self.batch_inputs(batch)
-        branch = self.model.branch
-        ctx = branch.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
-        if self.graphed is not None:  # forward and backward in one replay
+        if self.graphed is not None:  # forward and backward in one replay (never under DDP)
             factor = torch.full((), 1.0 / c.gradient_accumulation, device=self.device)
             return self.graphed(z_t, t, chinese, noise,
                                 self.scaler.scale(factor) if self.scaler is not None else factor, accumulate).item()
+        branch = self.model.branch
+        ctx = branch.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
             with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
                 loss = self.model.loss(z_t, t, chinese, noise)
@@ -413,7 +413,8 @@ class Trainer:
                 losses = []
                 for micro in range(c.gradient_accumulation):
                     batch = self._take(it)
-                    losses.append(self.micro_step(batch, sync=micro == c.gradient_accumulation - 1, accumulate=micro > 0))
+                    losses.append(self.micro_step(batch, sync=micro == c.gradient_accumulation - 1,
+                                                  accumulate=micro > 0))
                 grad_norm = self.optimizer_step()
                 self.step += 1
                 loss = sum(losses) / len(losses)
