@@ -195,12 +195,23 @@ def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Pat
             pytest.fail(f"the WebUI exited with {proc.returncode}; see {log_path}")
         try:
             if server.call("GET", "/sdapi/v1/sd-models", timeout=10)[0] == 200:
+                _wait_for_startup_model(server)
                 return server
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
         time.sleep(2)
     stop_server(server)
     pytest.fail(f"the WebUI did not answer within 300 s; see {log_path}")
+
+
+def _wait_for_startup_model(server: "WebUI") -> None:
+    """The WebUI loads its first checkpoint in a thread after its API is up. A checkpoint switch sent
+    meanwhile (`sd_model_checkpoint` in /sdapi/v1/options) runs a second load beside it, and the two
+    collide in the WebUI's meta-device initialisation ("Cannot copy out of meta tensor"): the switch
+    fails and the old checkpoint stays. A one-step generation waits for that first load (it needs the
+    model, behind the WebUI's model lock); its own result does not matter (some flags cannot generate
+    on a CPU at all)."""
+    server.call("POST", "/sdapi/v1/txt2img", dict(BASE, steps=1, batch_size=1), timeout=300)
 
 
 def stop_server(server: "WebUI") -> None:
