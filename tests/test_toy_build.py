@@ -34,17 +34,12 @@ def test_quick_build_writes_every_model(quick):
     assert report["quick"] and set(report["stage_seconds"]) >= {"VAE", "English SD", "BDM (python -m bdm.train)"}
 
 
-def safetensors_content(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-
-
 @pytest.mark.slow
 def test_retrain_of_a_stage_equals_the_builds_stage(quick, tmp_path, capsys):
     import shutil
 
     from bdm.cli import run
+    from bdm.formats.files import read_metadata, read_state_dict
     from bdm.toy.__main__ import main
     copy = tmp_path / "weights"
     shutil.copytree(quick, copy)
@@ -55,7 +50,8 @@ def test_retrain_of_a_stage_equals_the_builds_stage(quick, tmp_path, capsys):
                  "--threads", "1"]) == 0
     for name in (paths.controlnet_file().name, paths.bdm_file().name):
         # same metadata and tensors (safetensors writes the metadata keys in a per-process order)
-        (meta_a, tensors_a), (meta_b, tensors_b) = (safetensors_content(d / name) for d in (quick, copy))
+        meta_a, meta_b = (read_metadata(d / name) for d in (quick, copy))
+        tensors_a, tensors_b = (read_state_dict(d / name) for d in (quick, copy))
         assert meta_a == meta_b and tensors_a.keys() == tensors_b.keys(), name
         assert all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a), name
     assert {"controlnet", "chinese_clip", "bdm"} <= set(json.loads((copy / "build.json").read_text())["retrained"])
