@@ -190,7 +190,8 @@ def test_trainer_with_cuda_graphs_equals_without(tmp_path, tmp_path_factory):
     for graphs in (True, False):
         out = tmp_path / f"graphs-{graphs}"
         trainer = Trainer(config(out, ckpt, data, resolution=16, batch_size=5, epochs=3, cache_latents=True,
-                                 gradient_accumulation=2, device="cuda", cuda_graphs=graphs, learning_rate=1e-3, save_dtype="fp32"))
+                                 gradient_accumulation=2, device="cuda", cuda_graphs=graphs, learning_rate=1e-3,
+                                 save_dtype="fp32"))
         trainer.run()
         assert (trainer.graphed is not None) == graphs
         results[graphs] = load_file(str(out / "out" / "bdm.safetensors"))

@@ -59,7 +59,7 @@ class GraphedStep:
         self.graphs: dict[tuple, tuple] = {}
         self.grads: list[torch.Tensor] | None = None  # the static gradients, once a graph has made them
         self.pool = None
-        self.stream: torch.cuda.Stream | None = None  # warm-ups and captures, all on this one
+        self.stream = torch.cuda.Stream()  # warm-ups and captures, all on this one
 
     def loss(self, z_t, t, chinese, noise) -> torch.Tensor:
         """The model's loss under autocast (cast cache off: a graph must not keep casts across replays)."""
@@ -69,15 +69,13 @@ class GraphedStep:
 
     def _capture(self, inputs: tuple, overwrite: bool) -> tuple:
         static = tuple(a.detach().clone() for a in inputs)
-        if self.stream is None:
-            self.stream = torch.cuda.Stream()
-        side = self.stream
+        device, side = static[0].device, self.stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (library handles, kernel choices) without touching .grad
-            torch.cuda.reset_peak_memory_stats(static[0].device)
+            torch.cuda.reset_peak_memory_stats(device)
             for _ in range(self.warmup):
                 torch.autograd.grad(self.loss(*static[:4]) * static[4], self.params, allow_unused=True)
-            stats = torch.cuda.memory_stats(static[0].device)
+            stats = torch.cuda.memory_stats(device)
         torch.cuda.current_stream().wait_stream(side)
         large = stats.get("allocated_bytes.large_pool.peak", 0) - stats.get("allocated_bytes.large_pool.current", 0)
         if overwrite:
@@ -91,7 +89,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
             if self.pool is None and large > 0:  # one segment, freed at once: the large tensors below split it
-                torch.empty(large, dtype=torch.uint8, device=static[0].device)
+                torch.empty(large, dtype=torch.uint8, device=device)
             loss = self.loss(*static[:4])
             (loss * static[4]).backward()
         self.pool = graph.pool() if self.pool is None else self.pool
