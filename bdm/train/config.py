@@ -25,7 +25,8 @@ GROUPS = {
     "checkpoint": "models", "text_encoder": "models", "init_bdm": "models",
     "data": "data", "resolution": "data", "center_crop": "data", "random_flip": "data",
     "caption_dropout": "data", "num_workers": "data", "shuffle_buffer": "data",
-    "cache_latents": "data", "latent_cache": "data", "bucket": "data",
+    "cache_latents": "data", "latent_cache": "data", "aspect_buckets": "data",
+    "bucket_max_ratio": "data",
     "output": "run", "max_steps": "run", "epochs": "run", "seed": "run", "device": "run",
     "resume": "run",
 }
@@ -58,6 +59,11 @@ class TrainConfig:
                                      "from the cached latents; file/folder datasets")
     latent_cache: str = opt(None, "where --cache-latents writes (default OUTPUT/latents); reused when it "
                                   "already matches the data and resolution")
+    aspect_buckets: bool = opt(False, "aspect-ratio bucketing: train each image at the size of the bucket "
+                                      "nearest its aspect ratio (sides multiples of the backbone's 64 px for "
+                                      "SD1, at most --resolution² pixels) instead of a square crop; each batch "
+                                      "is one bucket. File/folder datasets and their latent caches")
+    bucket_max_ratio: float = opt(2.0, "--aspect-buckets: the most elongated bucket (long side / short side)")
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = opt(4, "samples per rank per micro-step")
     gradient_accumulation: int = opt(1, "micro-steps per optimizer step; global batch = batch_size × "
@@ -128,6 +134,8 @@ class TrainConfig:
             raise ValueError("--caption-dropout must be in [0, 1]")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.bucket_max_ratio < 1.0:
+            raise ValueError(f"--bucket-max-ratio must be >= 1 (long side / short side), got {self.bucket_max_ratio}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError("--ema-decay must be in (0, 1)")
         return self

@@ -15,6 +15,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import random
 import re
@@ -104,19 +105,21 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def transform(im, resolution: int, center_crop: bool, random_flip: bool, rng: random.Random) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, maybe flip: [3, r, r] in [-1, 1]."""
+def transform(im, size, center_crop: bool, random_flip: bool, rng: random.Random) -> torch.Tensor:
+    """Resize to cover `size` (an int: a square; or (width, height): a bucket), crop it, maybe flip:
+    [3, height, width] in [-1, 1]. For a square this resizes the short side to the square's side."""
     from PIL import Image
+    tw, th = (size, size) if isinstance(size, int) else size
     w, h = im.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.BICUBIC if scale > 1 else Image.LANCZOS)
     if center_crop:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        left, top = (nw - tw) // 2, (nh - th) // 2
     else:
-        left, top = rng.randint(0, nw - resolution), rng.randint(0, nh - resolution)
-    im = im.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, nw - tw), rng.randint(0, nh - th)
+    im = im.crop((left, top, left + tw, top + th))
     flip = random_flip and rng.random() < 0.5
     arr = np.asarray(im, dtype=np.float32)
     if flip:
@@ -204,8 +207,9 @@ def _add(items: list, skipped: Counter, base: Path, row: dict) -> None:
 # -- map-style: files ------------------------------------------------------------------------------
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Indexed by `(epoch, index)` (what `EpochSampler` yields); a bad sample is replaced by the next
-    good one in index order, and reported in the sample's `skipped`."""
+    """Indexed by `(epoch, index)` (what `EpochSampler` yields) or `(epoch, index, (width, height))` (what
+    `BucketBatchSampler` yields); a bad sample is replaced by the next good one in index order, brought to
+    the same size, and reported in the sample's `skipped`."""
 
     def __init__(self, items: list[Item], resolution: int, center_crop: bool, random_flip: bool, seed: int):
         self.items, self.resolution = items, resolution
@@ -214,22 +218,30 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def load(self, epoch: int, index: int) -> dict:
+    def load(self, epoch: int, index: int, size=None) -> dict:
         item = self.items[index]
         rng = random.Random(sample_seed(self.seed, epoch, index, 1))
-        image = transform(open_rgb(item.image, item.image), self.resolution, self.center_crop,
+        image = transform(open_rgb(item.image, item.image), size or self.resolution, self.center_crop,
                           self.random_flip, rng)
         return {"image": image, "text": item.text, "key": index}
 
+    def fits(self, index: int, size) -> bool:
+        """Whether sample `index` can stand in a batch of `size` (any image can be brought to any size)."""
+        return True
+
     def __getitem__(self, pos) -> dict:
-        epoch, index = pos
+        epoch, index, size = pos if len(pos) == 3 else (*pos, None)
         skipped = []
-        for attempt in range(MAX_REPLACEMENTS):
+        for attempt in range(len(self.items)):
             i = (index + attempt) % len(self.items)
+            if not self.fits(i, size):
+                continue
             try:
-                sample = self.load(epoch, i)
+                sample = self.load(epoch, i, size)
             except BadSample as e:
                 skipped.append((e.reason, str(e)))
+                if len(skipped) == MAX_REPLACEMENTS:
+                    break
                 continue
             sample["epoch"], sample["skipped"] = epoch, skipped
             return sample
@@ -263,10 +275,85 @@ class EpochSampler(torch.utils.data.Sampler):
         return 2**62
 
 
+# -- aspect-ratio buckets --------------------------------------------------------------------------
+
+def bucket_sizes(resolution: int, multiple: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) training sizes for aspect-ratio bucketing: sides multiples of `multiple`, at most
+    `resolution`² pixels (so memory stays that of the square), each as tall as that area allows for its
+    width, aspect ratio at most `max_ratio`. Always holds the square (resolution, resolution)."""
+    area, sizes = resolution * resolution, {(resolution, resolution)}
+    for w in range(multiple, int(resolution * max_ratio) + 1, multiple):
+        h = area // w // multiple * multiple
+        if h >= multiple and max(w / h, h / w) <= max_ratio:
+            sizes.add((w, h))
+    return sorted(sizes)
+
+
+def nearest_bucket(size: tuple[int, int] | None, buckets: list[tuple[int, int]]) -> int:
+    """The bucket whose aspect ratio is nearest (in log ratio) to an image's; None (unreadable): the
+    squarest bucket (the sample is replaced when loaded anyway)."""
+    ratio = math.log(size[0] / size[1]) if size and size[0] > 0 and size[1] > 0 else 0.0
+    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio), i))
+
+
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the image's header, without decoding it; None if unreadable."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # bad files are skipped (and counted) when loaded, not here
+        return None
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """An endless stream of batches of `(epoch, index, (width, height))` in which every image has the same
+    bucket. Epoch e takes the permutation of `EpochSampler`, splits it by bucket (keeping its order), cuts
+    each bucket into batches (a bucket's last batch is filled up with its first images of the epoch, so no
+    image waits forever in a bucket smaller than a batch), shuffles the batches (seeded by (seed, e)) and
+    pads them to a multiple of the world size; rank r takes every world-th batch. Starts after `start`
+    batches of this rank's stream (the data position of a resumed run)."""
+
+    def __init__(self, bucket_of: list[int], buckets: list[tuple[int, int]], batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1, start: int = 0):
+        self.bucket_of, self.buckets, self.batch_size = list(bucket_of), list(buckets), batch_size
+        self.seed, self.rank, self.world, self.start = seed, rank, world, start
+        counts = Counter(self.bucket_of)
+        total = sum(-(-n // batch_size) for n in counts.values())
+        self.per_rank = -(-total // world)  # batches per rank per epoch
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int, tuple[int, int]]]]:
+        """Every batch of one epoch, all ranks, in order (rank r's are `[r::world]`)."""
+        order = torch.randperm(len(self.bucket_of), generator=torch.Generator().manual_seed(
+            sample_seed(self.seed, epoch, 0, 7))).tolist()
+        by_bucket: dict[int, list[int]] = {}
+        for index in order:
+            by_bucket.setdefault(self.bucket_of[index], []).append(index)
+        batches = []
+        for b in sorted(by_bucket):
+            members = by_bucket[b]
+            for i in range(0, len(members), self.batch_size):
+                chunk = members[i:i + self.batch_size]
+                chunk += (members * self.batch_size)[:self.batch_size - len(chunk)]
+                batches.append([(epoch, index, self.buckets[b]) for index in chunk])
+        random.Random(sample_seed(self.seed, epoch, 0, 17)).shuffle(batches)
+        return batches + batches[: self.per_rank * self.world - len(batches)]
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            yield from self.epoch_batches(epoch)[self.rank::self.world][offset:]
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self):  # endless; a length only for DataLoader's bookkeeping
+        return 2**62
+
+
 # -- latent cache ----------------------------------------------------------------------------------
 
 class LatentDataset(ImageTextDataset):
-    """Cached VAE posteriors (mean, logvar; flipped copies when flips are on) instead of images."""
+    """Cached VAE posteriors (mean, logvar; flipped copies when flips are on) instead of images. A cache
+    made with aspect-ratio buckets keeps one series of shards per bucket size (`buckets`, `bucket_of`)."""
 
     def __init__(self, folder: str | Path, random_flip: bool, seed: int):
         self.folder = Path(folder)
@@ -275,22 +362,31 @@ class LatentDataset(ImageTextDataset):
         self.items = [Item(image, text) for image, text in zip(index["images"], index["texts"])]
         self.random_flip = random_flip and index.get("flipped", False)
         self.seed, self.shard_size = seed, index["shard_size"]
-        self._open: dict[int, object] = {}
+        self.buckets = [tuple(b) for b in index["buckets"]] if index.get("buckets") else None
+        self.bucket_of, self.rows = index.get("bucket_of"), index.get("rows")
+        self._open: dict[str, object] = {}
 
-    def _shard(self, s: int):
-        if s not in self._open:
+    def _shard(self, name: str):
+        if name not in self._open:
             from safetensors import safe_open
-            self._open[s] = safe_open(str(self.folder / f"latents-{s:05d}.safetensors"), framework="pt")
-        return self._open[s]
+            self._open[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._open[name]
 
     def __getstate__(self):  # safetensors handles do not cross process boundaries
         return {**self.__dict__, "_open": {}}
 
-    def load(self, epoch: int, index: int) -> dict:
+    def fits(self, index: int, size) -> bool:
+        return size is None or self.buckets is None or self.buckets[self.bucket_of[index]] == tuple(size)
+
+    def load(self, epoch: int, index: int, size=None) -> dict:
         rng = random.Random(sample_seed(self.seed, epoch, index, 1))
         flip = self.random_flip and rng.random() < 0.5
-        shard, row = divmod(index, self.shard_size)
-        f = self._shard(shard)
+        if self.buckets is None:
+            shard, row = divmod(index, self.shard_size)
+            f = self._shard(shard_name(shard))
+        else:
+            shard, row = divmod(self.rows[index], self.shard_size)
+            f = self._shard(shard_name(shard, self.buckets[self.bucket_of[index]]))
         suffix = "_flip" if flip else ""
         mean = f.get_slice("mean" + suffix)[row:row + 1][0]
         logvar = f.get_slice("logvar" + suffix)[row:row + 1][0]
@@ -299,15 +395,25 @@ class LatentDataset(ImageTextDataset):
         return {"moments": torch.stack([mean, logvar]).float(), "text": self.items[index].text, "key": index}
 
 
+def shard_name(shard: int, size: tuple[int, int] | None = None) -> str:
+    """A latent cache shard's file name; a bucketed cache has one series per bucket size."""
+    if size is None:
+        return f"latents-{shard:05d}.safetensors"
+    return f"latents-{size[0]}x{size[1]}-{shard:05d}.safetensors"
+
+
 def is_latent_cache(path: str | Path) -> bool:
     return (Path(path) / CACHE_INDEX).is_file()
 
 
-def cache_matches(folder: Path, items: list[Item], resolution: int, flip: bool, vae_id: str) -> bool:
+def cache_matches(folder: Path, items: list[Item], resolution: int, flip: bool, vae_id: str,
+                  buckets: list[tuple[int, int]] | None = None) -> bool:
     if not is_latent_cache(folder):
         return False
     index = json.loads((folder / CACHE_INDEX).read_text(encoding="utf-8"))
+    wanted = [list(b) for b in buckets] if buckets else None
     return (index.get("resolution") == resolution and index.get("vae") == vae_id
+            and index.get("buckets") == wanted
             and bool(index.get("flipped")) >= flip and index.get("source_images") == [i.image for i in items]
             and index.get("complete", False))
 
@@ -315,54 +421,65 @@ def cache_matches(folder: Path, items: list[Item], resolution: int, flip: bool, 
 @torch.no_grad()
 def build_latent_cache(folder: str | Path, items: list[Item], vae, resolution: int, center_crop: bool,
                        flip: bool, vae_id: str, device, dtype, batch_size: int = 8, shard_size: int = 1024,
-                       progress: bool = True) -> tuple[Path, Counter]:
-    """Encode every image once; bad images are skipped (counted) and left out of the cache."""
+                       progress: bool = True, buckets: list[tuple[int, int]] | None = None,
+                       bucket_of: list[int] | None = None) -> tuple[Path, Counter]:
+    """Encode every image once — at the square `resolution`, or with `buckets` at its bucket's size
+    (`bucket_of[i]` for item i), one series of shards per size; bad images are skipped (counted) and
+    left out of the cache."""
     from ..formats.files import save_safetensors
     from tqdm import tqdm
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     skipped: Counter = Counter()
     good: list[Item] = []
-    pending: list[tuple[Item, torch.Tensor]] = []
-    buffers: dict[str, list[torch.Tensor]] = {}
-    shard_index = 0
+    good_buckets: list[int] = []
+    rows: list[int] = []
+    series: dict[int, dict] = {}  # bucket → pending images, buffered latents, shard number, rows so far
     rng = random.Random(0)
 
-    def flush_batch():
-        if not pending:
+    def flush_batch(state):
+        if not state["pending"]:
             return
-        images = torch.stack([im for _, im in pending]).to(device, dtype)
+        images = torch.stack(state["pending"]).to(device, dtype)
         versions = [("", images)] + ([("_flip", images.flip(-1))] if flip else [])
         for suffix, batch in versions:
             mean, logvar = vae.encode_moments(batch)
-            buffers.setdefault("mean" + suffix, []).append(mean.float().cpu())
-            buffers.setdefault("logvar" + suffix, []).append(logvar.float().cpu())
-        good.extend(item for item, _ in pending)
-        pending.clear()
+            state["buffers"].setdefault("mean" + suffix, []).append(mean.float().cpu())
+            state["buffers"].setdefault("logvar" + suffix, []).append(logvar.float().cpu())
+        state["pending"].clear()
 
-    def flush_shard(final=False):
-        nonlocal buffers, shard_index
-        rows = sum(t.shape[0] for t in buffers.get("mean", []))
-        if rows and (rows >= shard_size or final):
-            tensors = {k: torch.cat(v) for k, v in buffers.items()}
-            save_safetensors(folder / f"latents-{shard_index:05d}.safetensors", tensors)
-            shard_index, buffers = shard_index + 1, {}
+    def flush_shard(bucket, state, final=False):
+        n = sum(t.shape[0] for t in state["buffers"].get("mean", []))
+        if n and (n >= shard_size or final):
+            tensors = {k: torch.cat(v) for k, v in state["buffers"].items()}
+            save_safetensors(folder / shard_name(state["shard"], buckets[bucket] if buckets else None), tensors)
+            state["shard"], state["buffers"] = state["shard"] + 1, {}
 
-    for item in tqdm(items, desc="caching latents", disable=not progress, leave=False):
+    for i, item in enumerate(tqdm(items, desc="caching latents", disable=not progress, leave=False)):
+        bucket = bucket_of[i] if buckets else 0
+        size = buckets[bucket] if buckets else resolution
         try:
-            image = transform(open_rgb(item.image, item.image), resolution, center_crop, False, rng)
+            image = transform(open_rgb(item.image, item.image), size, center_crop, False, rng)
         except BadSample as e:
             skipped[e.reason] += 1
             continue
-        pending.append((item, image))
-        if len(pending) == batch_size or (len(good) + len(pending)) % shard_size == 0:
-            flush_batch()
-            flush_shard()
-    flush_batch()
-    flush_shard(final=True)
+        state = series.setdefault(bucket, {"pending": [], "buffers": {}, "shard": 0, "rows": 0})
+        state["pending"].append(image)
+        good.append(item)
+        good_buckets.append(bucket)
+        rows.append(state["rows"])
+        state["rows"] += 1
+        if len(state["pending"]) == batch_size or state["rows"] % shard_size == 0:
+            flush_batch(state)
+            flush_shard(bucket, state)
+    for bucket, state in series.items():
+        flush_batch(state)
+        flush_shard(bucket, state, final=True)
     index = {"resolution": resolution, "vae": vae_id, "flipped": flip, "shard_size": shard_size,
              "images": [i.image for i in good], "texts": [i.text for i in good],
              "source_images": [i.image for i in items], "skipped": dict(skipped), "complete": True}
+    if buckets:
+        index.update(buckets=[list(b) for b in buckets], bucket_of=good_buckets, rows=rows)
     from ..formats.files import atomic_write
     atomic_write(folder / CACHE_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, ensure_ascii=False),
                                                                         encoding="utf-8"))

@@ -164,6 +164,7 @@ class Trainer:
             raise ValueError(f"--resolution {c.resolution}: must be a multiple of {latent_factor * levels} "
                              "for this backbone (VAE downscale × UNet levels)")
         self.latent_size = c.resolution // latent_factor
+        self.buckets, self.bucket_of = self._assign_buckets(latent_factor * levels)
         # 3. optimisation state
         self.optimizer = make_optimizer([p for p in bridge.parameters() if p.requires_grad], c, self.device)
         self.scaler = make_scaler(c.mixed_precision, self.device)
@@ -204,6 +205,9 @@ class Trainer:
             if c.cache_latents:
                 raise ValueError("--cache-latents works with file/folder datasets; for WebDataset shards, train "
                                  "from the images")
+            if c.aspect_buckets:
+                raise ValueError("--aspect-buckets works with file/folder datasets and their latent caches; "
+                                 "WebDataset shards are cropped to the square --resolution")
             return "shards", None, shards
         items, skipped = D.list_items(c.data)
         self.skipped.update(skipped)
@@ -231,9 +235,38 @@ class Trainer:
             dataset = D.ImageTextDataset(self.items, c.resolution, c.center_crop, c.random_flip, c.seed)
         self.dataset_size = len(dataset)
         start = self.position["samples"] // dist.world
+        buckets, bucket_of = self.buckets, self.bucket_of
+        if isinstance(dataset, D.LatentDataset):  # a cache knows its own buckets (bad images left out)
+            buckets, bucket_of = dataset.buckets, dataset.bucket_of
+        if buckets:
+            batches = D.BucketBatchSampler(bucket_of, buckets, c.batch_size, c.seed, dist.rank, dist.world,
+                                           start // c.batch_size)
+            self.dataset_size = batches.per_rank * dist.world * c.batch_size  # with the buckets' fill-ups
+            return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=D.collate, **loader_kw)
         sampler = D.EpochSampler(len(dataset), c.seed, dist.rank, dist.world, start)
         return torch.utils.data.DataLoader(dataset, batch_size=c.batch_size, sampler=sampler,
                                            collate_fn=D.collate, **loader_kw)
+
+    def _assign_buckets(self, multiple: int):
+        """With --aspect-buckets on a file/folder dataset: the bucket sizes and each image's bucket (from
+        the image headers), printed as a histogram."""
+        c = self.config
+        if c.aspect_buckets and self.data_kind == "latents" and self.dist.main and \
+                not json.loads((Path(c.data) / D.CACHE_INDEX).read_text(encoding="utf-8")).get("buckets"):
+            print(f"note: {c.data} was cached without --aspect-buckets; training on its square latents",
+                  file=sys.stderr)
+        if not c.aspect_buckets or self.data_kind != "files":
+            return None, None
+        buckets = D.bucket_sizes(c.resolution, multiple, c.bucket_max_ratio)
+        from tqdm import tqdm
+        sizes = [D.image_size(item.image) for item in tqdm(self.items, desc="reading image sizes", leave=False,
+                                                            disable=not (c.progress and self.dist.main))]
+        bucket_of = [D.nearest_bucket(size, buckets) for size in sizes]
+        if self.dist.main:
+            counts = Counter(bucket_of)
+            print("aspect buckets (width×height: images): " + ", ".join(
+                f"{w}×{h}: {counts[i]}" for i, (w, h) in enumerate(buckets) if counts[i]), file=sys.stderr)
+        return buckets, bucket_of
 
     def _same_stream(self) -> bool:
         p = self.position
@@ -250,11 +283,12 @@ class Trainer:
         folder = Path(c.latent_cache) if c.latent_cache else self.output / "latents"
         from ..formats.files import short_hash
         vae_id = f"{Path(c.checkpoint).name}:{short_hash(c.checkpoint)}"
-        if dist.main and not D.cache_matches(folder, self.items, c.resolution, c.random_flip, vae_id):
+        if dist.main and not D.cache_matches(folder, self.items, c.resolution, c.random_flip, vae_id, self.buckets):
             with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
                 _, skipped = D.build_latent_cache(folder, self.items, self.vae, c.resolution, c.center_crop,
                                                   c.random_flip, vae_id, self.device, self.weight_dtype,
-                                                  batch_size=max(1, c.batch_size), progress=c.progress)
+                                                  batch_size=max(1, c.batch_size), progress=c.progress,
+                                                  buckets=self.buckets, bucket_of=self.bucket_of)
             self.skipped.update(skipped)
         dist.barrier()
         dataset = D.LatentDataset(folder, c.random_flip, c.seed)
