@@ -31,12 +31,6 @@ def test_bucket_sizes_and_nearest_bucket():
     assert sd[D.nearest_bucket(None, sd)] == (512, 512)  # unreadable: replaced when loaded anyway
 
 
-def _epoch(sampler: D.BucketBatchSampler, world: int) -> list[list]:
-    return [batch for rank in range(world)
-            for batch in list(_take(D.BucketBatchSampler(sampler.bucket_of, sampler.buckets, sampler.batch_size,
-                                                         sampler.seed, rank, world), sampler.per_rank))]
-
-
 def _take(sampler, n):
     it = iter(sampler)
     return [next(it) for _ in range(n)]

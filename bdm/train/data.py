@@ -1,4 +1,5 @@
-"""Training data: image+caption lists (JSONL, CSV, folder), WebDataset shards, cached latents.
+"""Training data: image+caption lists (JSONL, CSV, folder), WebDataset shards, cached latents, and
+aspect-ratio buckets for the lists and their caches.
 
 Every random choice about a sample (crop, flip, and later its noise, timestep and caption dropout) is
 drawn from a generator seeded by `(seed, epoch, sample key)`, never from a global RNG: the result does
