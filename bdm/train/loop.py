@@ -238,6 +238,9 @@ class Trainer:
         buckets, bucket_of = self.buckets, self.bucket_of
         if isinstance(dataset, D.LatentDataset):  # a cache knows its own buckets (bad images left out)
             buckets, bucket_of = dataset.buckets, dataset.bucket_of
+            if c.aspect_buckets and not buckets and dist.main:
+                print(f"note: {c.data} was cached without --aspect-buckets; training on its square latents",
+                      file=sys.stderr)
         if buckets:
             batches = D.BucketBatchSampler(bucket_of, buckets, c.batch_size, c.seed, dist.rank, dist.world,
                                            start // c.batch_size)
@@ -251,10 +254,6 @@ class Trainer:
         """With --aspect-buckets on a file/folder dataset: the bucket sizes and each image's bucket (from
         the image headers), printed as a histogram."""
         c = self.config
-        if c.aspect_buckets and self.data_kind == "latents" and self.dist.main and \
-                not json.loads((Path(c.data) / D.CACHE_INDEX).read_text(encoding="utf-8")).get("buckets"):
-            print(f"note: {c.data} was cached without --aspect-buckets; training on its square latents",
-                  file=sys.stderr)
         if not c.aspect_buckets or self.data_kind != "files":
             return None, None
         buckets = D.bucket_sizes(c.resolution, multiple, c.bucket_max_ratio)
