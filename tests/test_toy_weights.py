@@ -137,10 +137,12 @@ def test_committed_checkpoint_is_a_webui_sd1_checkpoint():
 def test_small_eval_far_above_chance(tmp_path):
     """A reduced `python -m bdm.toy eval`: 24 images per row; chance is 25 % (colour) and 33 % (shape)."""
     from bdm.toy.evaluate import evaluate
-    res = evaluate(images=24, output=tmp_path, rows=["bdm", "controlnet", "lora"])["rows"]
+    res = evaluate(images=24, output=tmp_path, rows=["bdm", "controlnet", "lora", "lora_english"])["rows"]
     assert res["bdm"]["colour"] >= 60 and res["bdm"]["shape"] >= 55, res["bdm"]
     assert res["controlnet"]["position"] >= 50, res["controlnet"]  # chance 11 %
     assert res["lora"]["style"] >= 50, res["lora"]  # the plain background is the backbone's only one
+    # the reference row: the LoRA on its own, with an English prompt and no BDM
+    assert res["lora_english"]["colour"] >= 60 and res["lora_english"]["style"] >= 50, res["lora_english"]
     assert (tmp_path / "bdm.png").is_file()
 
 

@@ -48,6 +48,8 @@ ROWS = [
     Row("bdm", 'BDM, Chinese prompt, EN ""', en_prompt="", targets={"colour": 90, "shape": 85}),
     Row("lora", f"BDM + LoRA (EN \"{D.LORA_TRIGGER}\")", en_prompt=D.LORA_TRIGGER, lora=LORA_WEIGHT, extra=["style"],
         targets={"style": 80}),
+    Row("lora_english", "reference: backbone + LoRA, English prompt, no BDM", bdm=False, chinese=False,
+        en_prompt=f"{D.LORA_TRIGGER}, {{en}}", lora=LORA_WEIGHT, extra=["style"]),
     Row("controlnet", "BDM + ControlNet (bbox hint)", en_prompt="", controlnet=True, extra=["position"],
         targets={"position": 85}),
     Row("controlnet_english", "reference: backbone + ControlNet, English prompt, no BDM", bdm=False, chinese=False,
@@ -58,11 +60,13 @@ ROWS = [
         bdm=False, chinese=False, extra=["style"]),
     Row("ti", f"BDM + Textual Inversion (EN \"{TI}\")", en_prompt=TI, ti=True, extra=["size"],
         targets={"size": 80}),
+    Row("ti_english", "reference: backbone + Textual Inversion, English prompt, no BDM", bdm=False, chinese=False,
+        en_prompt=f"{TI}, {{en}}", ti=True, extra=["size"]),
     Row("chinese_only", "Chinese-only concept (五角星)", en_prompt="", chinese_only=True),
     Row("all", "all plugins together", checkpoint="dreambooth", en_prompt=f"{D.LORA_TRIGGER} {TI}",
         lora=LORA_WEIGHT, ti=True, controlnet=True, extra=["position", "size", "stripes", "outline"]),
 ]
-STYLE = {"lora": ("background", "striped"), "dreambooth": ("drawing", "outline"),
+STYLE = {"lora": ("background", "striped"), "lora_english": ("background", "striped"), "dreambooth": ("drawing", "outline"),
          "dreambooth_english": ("drawing", "outline")}
 
 
