@@ -335,7 +335,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             members = by_bucket[b]
             for i in range(0, len(members), self.batch_size):
                 chunk = members[i:i + self.batch_size]
-                chunk += (members * self.batch_size)[:self.batch_size - len(chunk)]
+                while len(chunk) < self.batch_size:  # fill up with the bucket's first images
+                    chunk += members[:self.batch_size - len(chunk)]
                 batches.append([(epoch, index, self.buckets[b]) for index in chunk])
         random.Random(sample_seed(self.seed, epoch, 0, 17)).shuffle(batches)
         return batches + batches[: self.per_rank * self.world - len(batches)]
