@@ -66,8 +66,8 @@ ROWS = [
     Row("all", "all plugins together", checkpoint="dreambooth", en_prompt=f"{D.LORA_TRIGGER} {TI}",
         lora=LORA_WEIGHT, ti=True, controlnet=True, extra=["position", "size", "stripes", "outline"]),
 ]
-STYLE = {"lora": ("background", "striped"), "lora_english": ("background", "striped"), "dreambooth": ("drawing", "outline"),
-         "dreambooth_english": ("drawing", "outline")}
+STYLE = {"lora": ("background", "striped"), "lora_english": ("background", "striped"),
+         "dreambooth": ("drawing", "outline"), "dreambooth_english": ("drawing", "outline")}
 
 
 def prompts(row: Row, n: int) -> list[dict]:
