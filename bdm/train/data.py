@@ -365,7 +365,12 @@ class LatentDataset(ImageTextDataset):
         self.random_flip = random_flip and index.get("flipped", False)
         self.seed, self.shard_size = seed, index["shard_size"]
         self.buckets = [tuple(b) for b in index["buckets"]] if index.get("buckets") else None
-        self.bucket_of, self.rows = index.get("bucket_of"), index.get("rows")
+        self.bucket_of = index.get("bucket_of")
+        self.rows = list(range(len(self.items)))  # each sample's row in its size's shard series
+        if self.buckets:
+            seen: Counter = Counter()
+            for i, bucket in enumerate(self.bucket_of):
+                self.rows[i], seen[bucket] = seen[bucket], seen[bucket] + 1
         self._open: dict[str, object] = {}
 
     def _shard(self, name: str):
@@ -377,18 +382,18 @@ class LatentDataset(ImageTextDataset):
     def __getstate__(self):  # safetensors handles do not cross process boundaries
         return {**self.__dict__, "_open": {}}
 
+    def bucket_size(self, index: int) -> tuple[int, int] | None:
+        """The (width, height) sample `index` was cached at, in a bucketed cache; else None."""
+        return self.buckets[self.bucket_of[index]] if self.buckets else None
+
     def fits(self, index: int, size) -> bool:
-        return size is None or self.buckets is None or self.buckets[self.bucket_of[index]] == tuple(size)
+        return size is None or self.buckets is None or self.bucket_size(index) == tuple(size)
 
     def load(self, epoch: int, index: int, size=None) -> dict:
         rng = random.Random(sample_seed(self.seed, epoch, index, 1))
         flip = self.random_flip and rng.random() < 0.5
-        if self.buckets is None:
-            shard, row = divmod(index, self.shard_size)
-            f = self._shard(shard_name(shard))
-        else:
-            shard, row = divmod(self.rows[index], self.shard_size)
-            f = self._shard(shard_name(shard, self.buckets[self.bucket_of[index]]))
+        shard, row = divmod(self.rows[index], self.shard_size)
+        f = self._shard(shard_name(shard, self.bucket_size(index)))
         suffix = "_flip" if flip else ""
         mean = f.get_slice("mean" + suffix)[row:row + 1][0]
         logvar = f.get_slice("logvar" + suffix)[row:row + 1][0]
@@ -435,7 +440,6 @@ def build_latent_cache(folder: str | Path, items: list[Item], vae, resolution: i
     skipped: Counter = Counter()
     good: list[Item] = []
     good_buckets: list[int] = []
-    rows: list[int] = []
     series: dict[int, dict] = {}  # bucket → pending images, buffered latents, shard number, rows so far
     rng = random.Random(0)
 
@@ -469,7 +473,6 @@ def build_latent_cache(folder: str | Path, items: list[Item], vae, resolution: i
         state["pending"].append(image)
         good.append(item)
         good_buckets.append(bucket)
-        rows.append(state["rows"])
         state["rows"] += 1
         if len(state["pending"]) == batch_size or state["rows"] % shard_size == 0:
             flush_batch(state)
@@ -481,7 +484,7 @@ def build_latent_cache(folder: str | Path, items: list[Item], vae, resolution: i
              "images": [i.image for i in good], "texts": [i.text for i in good],
              "source_images": [i.image for i in items], "skipped": dict(skipped), "complete": True}
     if buckets:
-        index.update(buckets=[list(b) for b in buckets], bucket_of=good_buckets, rows=rows)
+        index.update(buckets=[list(b) for b in buckets], bucket_of=good_buckets)
     from ..formats.files import atomic_write
     atomic_write(folder / CACHE_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, ensure_ascii=False),
                                                                         encoding="utf-8"))
