@@ -7,7 +7,8 @@ Its hint encoder is replaced by zeros (BDM's branch has none), so both do the sa
 Ours: `bdm.train.model.BridgeTrainingModel` (backbone encoder half without autograd, only the decoder
 half recorded, its frozen convolutions lean, the last N decoder blocks recomputed), fused AdamW where
 available, and on CUDA the step's forward and backward replayed as CUDA graphs (`bdm.train.graphs`), as
-the trainer does by default. Same weights (`bdm.formats.diffusers_names`), same inputs.
+the trainer does by default; with `--compile` the step goes through `torch.compile` instead (the trainer's
+`--compile`). Same weights (`bdm.formats.diffusers_names`), same inputs.
 
 Time: interleaved repeats (ours, peer, ours, peer, …), medians. Memory: on CUDA the peak allocated
 memory of a step (for ours with CUDA graphs: plus every byte the graphs' private pools reserve and the
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
                    help="ours: recompute the last N frozen decoder blocks in backward (the trainer's default: 0)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="ours: run the step eagerly on CUDA too (the trainer's --no-cuda-graphs)")
+    p.add_argument("--compile", action="store_true",
+                   help="ours: torch.compile the step's forward and backward (the trainer's --compile; CUDA graphs off)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     cpu = device.type == "cpu"
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
     opt_peer = torch.optim.AdamW(peer_cn.parameters(), lr=1e-5)  # diffusers' trainer default
     from ..train.graphs import GraphedStep, graphs_possible
     graphed = (GraphedStep(ours, dtype if mp != "no" else None)
-               if a.cuda_graphs and graphs_possible(ours, device, False) is None else None)
+               if a.cuda_graphs and not a.compile and graphs_possible(ours, device, False) is None else None)
+    loss_ours = torch.compile(ours.loss) if a.compile else ours.loss
     g = torch.Generator().manual_seed(0)
     lat = (batch, 4, height // 8, width // 8)
     x = torch.randn(lat, generator=g).to(device)
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
             loss = graphed(x, t, cn, noise, one)
         else:
             with autocast(), (measure or _null()):
-                loss = ours.loss(x, t, cn, noise)
+                loss = loss_ours(x, t, cn, noise)
             loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=graphed is None)
@@ -217,7 +221,8 @@ def main(argv=None) -> int:
     what = "peak allocated" if not cpu else "autograd-saved + trainable state"
     print(f"config={a.config} device={device} ({torch.get_num_threads()} threads) {width}x{height} batch={batch} "
           f"mixed_precision={mp} gradient_checkpointing={a.gradient_checkpointing} "
-          f"checkpoint_backbone={a.checkpoint_backbone} cuda_graphs={graphed is not None} repeats={a.repeats}")
+          f"checkpoint_backbone={a.checkpoint_backbone} cuda_graphs={graphed is not None} compile={a.compile} "
+          f"repeats={a.repeats}")
     print(f"first-step loss ours={l_ours:.5f} peer={l_peer:.5f} (same weights and inputs)")
     for name, tt, mm in (("ours", t_ours, mem_ours), ("peer", t_peer, mem_peer)):
         print(f"{name:5s} time/step median {tt * 1000:9.1f} ms  [{', '.join(f'{v * 1000:.0f}' for v in times[name])}]  "

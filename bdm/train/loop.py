@@ -180,7 +180,8 @@ class Trainer:
             self.model.branch = DDP(bridge, device_ids=[self.device] if self.device.type == "cuda" else None,
                                     broadcast_buffers=False)
         self.graphed = None
-        if c.cuda_graphs:
+        self.loss_fn = torch.compile(self.model.loss) if c.compile else self.model.loss
+        if c.cuda_graphs and not c.compile:
             from .graphs import GraphedStep, graphs_possible
             why_not = graphs_possible(self.model, self.device, dist.enabled)
             if why_not is None:
@@ -394,7 +395,7 @@ class Trainer:
         ctx = branch.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
             with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
-                loss = self.model.loss(z_t, t, chinese, noise)
+                loss = self.loss_fn(z_t, t, chinese, noise)
             scaled = loss / c.gradient_accumulation
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.item()
