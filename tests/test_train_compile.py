@@ -1,23 +1,26 @@
 """`--compile`: the trainer's step through torch.compile trains the same branch as the eager step (the
-compiled kernels round differently, so the numbers agree to float tolerance, not bit for bit) and leaves
-the backbone untouched. Resuming needs nothing of its own: the state on disk is the eager run's."""
+compiled kernels round differently, so the numbers agree to float tolerance, not bit for bit), also across
+aspect-ratio buckets (one compiled graph per batch shape), and leaves the backbone untouched. Resuming
+needs nothing of its own: the state on disk is the eager run's."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.test_train_support import config, one_thread, shared_backbone, write_colour_set  # noqa: F401
+from tests.test_train_buckets import write_mixed_set
+from tests.test_train_support import config, one_thread, shared_backbone  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")
-    return shared_backbone(tmp_path_factory), write_colour_set(tmp / "data", per_colour=2, size=16)
+    return shared_backbone(tmp_path_factory), write_mixed_set(tmp / "data")
 
 
 def _run(tmp, ckpt, data, **kw):
     from bdm.train import Trainer
-    opts = dict(resolution=16, batch_size=4, max_steps=3, learning_rate=1e-3, seed=3, ema=True, ema_decay=0.9)
+    opts = dict(resolution=16, batch_size=4, max_steps=3, learning_rate=1e-3, seed=3, ema=True, ema_decay=0.9,
+                aspect_buckets=True)
     opts.update(kw)
     trainer = Trainer(config(tmp, ckpt, data, **opts))
     return trainer, trainer.run()
@@ -30,7 +33,8 @@ def test_compiled_step_trains_like_the_eager_one(setup, tmp_path):
     torch._dynamo.reset()
     counters.clear()
     compiled, compiled_result = _run(tmp_path / "compiled", ckpt, data, compile=True)
-    assert counters["stats"]["unique_graphs"] >= 1, "the step was not compiled"
+    # three buckets (20×12, 12×20, 16×16), one batch each: a graph per shape, none shared by mistake
+    assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])
     losses_e = [h["loss"] for h in eager_result["history"]]
     losses_c = [h["loss"] for h in compiled_result["history"]]
     assert len(losses_c) == 3

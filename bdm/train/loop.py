@@ -180,7 +180,7 @@ class Trainer:
             self.model.branch = DDP(bridge, device_ids=[self.device] if self.device.type == "cuda" else None,
                                     broadcast_buffers=False)
         self.graphed = None
-        self.loss_fn = torch.compile(self.model.loss) if c.compile else self.model.loss
+        self.loss_fn = torch.compile(self.model.loss, dynamic=False) if c.compile else self.model.loss
         if c.cuda_graphs and not c.compile:
             from .graphs import GraphedStep, graphs_possible
             why_not = graphs_possible(self.model, self.device, dist.enabled)
