@@ -36,3 +36,37 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tmp_path_factory):
     assert not (tmp_path / "two" / "checkpoints" / ".tmp").exists()
     logs = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert len(logs) == 1  # rank 0 alone writes
+
+
+def _map_split_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from bdm.train.distributed import Dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        read = []
+
+        def square(x):
+            read.append(x)
+            return None if x == 4 else x * x  # None: an unreadable image's size
+        result = Dist(rank, world).map_split(square, list(range(11)))
+        with open(f"{out_dir}/{rank}.json", "w") as f:
+            json.dump({"result": result, "read": read}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_map_split_reads_each_item_once_and_gives_every_rank_the_whole_list(tmp_path):
+    """What --aspect-buckets uses to read the image headers once in all, not once per rank."""
+    import json
+
+    import torch.multiprocessing as mp
+    mp.spawn(_map_split_worker, args=(2, 29633, str(tmp_path)), nprocs=2, join=True)
+    runs = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    expected = [None if x == 4 else x * x for x in range(11)]
+    assert runs[0]["result"] == runs[1]["result"] == expected
+    assert runs[0]["read"] == [0, 2, 4, 6, 8, 10] and runs[1]["read"] == [1, 3, 5, 7, 9]

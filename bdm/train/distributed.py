@@ -41,6 +41,19 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def map_split(self, fn, items: list) -> list:
+        """[fn(x) for x in items], each rank computing every world-th item (e.g. reading image headers
+        once in all, not once per rank), the results gathered on every rank in order."""
+        mine = [fn(x) for x in items[self.rank::self.world]]
+        if not self.enabled:
+            return mine
+        parts = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        out = [None] * len(items)
+        for rank, part in enumerate(parts):
+            out[rank::self.world] = part
+        return out
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

@@ -259,8 +259,14 @@ class Trainer:
             return None, None
         buckets = D.bucket_sizes(c.resolution, multiple, c.bucket_max_ratio)
         from tqdm import tqdm
-        sizes = [D.image_size(item.image) for item in tqdm(self.items, desc="reading image sizes", leave=False,
-                                                            disable=not (c.progress and self.dist.main))]
+        bar = tqdm(total=len(self.items), desc="reading image sizes", leave=False,
+                   disable=not (c.progress and self.dist.main))
+
+        def size_of(item):  # each rank reads every world-th header; rank 0's bar counts for all
+            bar.update(self.dist.world)
+            return D.image_size(item.image)
+        sizes = self.dist.map_split(size_of, self.items)
+        bar.close()
         bucket_of = [D.nearest_bucket(size, buckets) for size in sizes]
         if self.dist.main:
             counts = Counter(bucket_of)
