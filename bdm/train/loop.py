@@ -177,8 +177,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.model.branch = DDP(bridge, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                    broadcast_buffers=False)
+            # the branch has no buffers, so DDP's buffer syncing (its default) has nothing to do
+            self.model.branch = DDP(bridge, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.graphed = None
         self.loss_fn = torch.compile(self.model.loss, dynamic=False) if c.compile else self.model.loss
         if c.cuda_graphs and not c.compile:
