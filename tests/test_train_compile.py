@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests.test_train_buckets import write_mixed_set
-from tests.test_train_support import config, one_thread, shared_backbone  # noqa: F401
+from tests.test_train_support import one_thread, shared_backbone, train  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,9 @@ def _is_wide_or_square(path) -> bool:
 
 
 def _run(tmp, ckpt, data, **kw):
-    from bdm.train import Trainer
     opts = dict(resolution=16, batch_size=4, max_steps=3, learning_rate=1e-3, seed=3, ema=True, ema_decay=0.9,
                 aspect_buckets=True)
-    opts.update(kw)
-    trainer = Trainer(config(tmp, ckpt, data, **opts))
-    return trainer, trainer.run()
+    return train(tmp, ckpt, data, **{**opts, **kw})
 
 
 def test_compiled_step_trains_like_the_eager_one(setup, tmp_path):

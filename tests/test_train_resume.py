@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_train_support import config, one_thread, shared_backbone, write_colour_set  # noqa: F401
+from tests.test_train_support import config, one_thread, shared_backbone, train, write_colour_set  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,10 @@ def setup(tmp_path_factory):
 
 
 def _run(tmp, ckpt, data, **kw):
-    from bdm.train import Trainer
     opts = dict(resolution=16, batch_size=3, max_steps=4, ema=True, ema_decay=0.9, caption_dropout=0.5,
                 gradient_accumulation=2, lr_schedule="cosine", lr_warmup_steps=2, random_flip=True,
                 center_crop=False, learning_rate=1e-3, seed=5)
-    opts.update(kw)
-    trainer = Trainer(config(tmp, ckpt, data, **opts))
-    return trainer, trainer.run()
+    return train(tmp, ckpt, data, **{**opts, **kw})
 
 
 def test_resume_equals_uninterrupted(setup, tmp_path):

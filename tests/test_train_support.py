@@ -132,6 +132,13 @@ def config(tmp: Path, ckpt: Path, data: Path, **kw):
     return TrainConfig(**base)
 
 
+def train(tmp: Path, ckpt: Path, data: Path, **kw):
+    """A `Trainer` built from `config(...)` and run: (trainer, its result)."""
+    from bdm.train import Trainer
+    trainer = Trainer(config(tmp, ckpt, data, **kw))
+    return trainer, trainer.run()
+
+
 def shared_backbone(tmp_path_factory, pretrain_size: int = 0) -> Path:
     """One tiny checkpoint per pytest session (built by the first test module that asks)."""
     folder = tmp_path_factory.getbasetemp() / f"bdm-train-backbone-{pretrain_size}"

@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     from ..train.graphs import GraphedStep, graphs_possible
     graphed = (GraphedStep(ours, dtype if mp != "no" else None)
                if a.cuda_graphs and not a.compile and graphs_possible(ours, device, False) is None else None)
-    loss_ours = torch.compile(ours.loss, dynamic=False) if a.compile else ours.loss
+    from ..train.model import compiled_loss
+    loss_ours = compiled_loss(ours) if a.compile else ours.loss
     g = torch.Generator().manual_seed(0)
     lat = (batch, 4, height // 8, width // 8)
     x = torch.randn(lat, generator=g).to(device)

@@ -20,7 +20,7 @@ from .config import TrainConfig, config_json
 from .distributed import Dist, setup
 from .ema import EMA
 from ..formats.files import materialize
-from .model import BridgeTrainingModel, NoiseSchedule, freeze
+from .model import BridgeTrainingModel, NoiseSchedule, compiled_loss, freeze
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -180,7 +180,7 @@ class Trainer:
             # the branch has no buffers, so DDP's buffer syncing (its default) has nothing to do
             self.model.branch = DDP(bridge, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.graphed = None
-        self.loss_fn = torch.compile(self.model.loss, dynamic=False) if c.compile else self.model.loss
+        self.loss_fn = compiled_loss(self.model) if c.compile else self.model.loss
         if c.cuda_graphs and not c.compile:
             from .graphs import GraphedStep, graphs_possible
             why_not = graphs_possible(self.model, self.device, dist.enabled)

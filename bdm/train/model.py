@@ -99,3 +99,10 @@ class BridgeTrainingModel(nn.Module):
     def loss(self, z_t: torch.Tensor, t: torch.Tensor, chinese: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """ε-prediction MSE (mean over every element), computed in fp32."""
         return F.mse_loss(self.eps(z_t, t, chinese).float(), noise.float())
+
+
+def compiled_loss(model: BridgeTrainingModel):
+    """`model.loss` through `torch.compile` (the trainer's and the bench's `--compile`). Static shapes: one
+    graph per batch shape (each aspect bucket its own); inductor's dynamic-shape path failed on the second
+    bucket ("cannot determine truth value of Relational")."""
+    return torch.compile(model.loss, dynamic=False)
