@@ -18,7 +18,8 @@ from bdm.toy import paths
 def quick(tmp_path_factory) -> Path:
     from bdm.toy.__main__ import main
     out = tmp_path_factory.mktemp("toy") / "weights"
-    assert main(["build", "--quick", "--output", str(out), "--threads", "1"]) == 0
+    # not the default seed: `retrain` must take the build's seed (and --quick) from its build.json
+    assert main(["build", "--quick", "--seed", "1", "--output", str(out), "--threads", "1"]) == 0
     return out
 
 
@@ -45,9 +46,9 @@ def test_retrain_of_a_stage_equals_the_builds_stage(quick, tmp_path, capsys):
     shutil.copytree(quick, copy)
     for name in (paths.controlnet_file().name, paths.bdm_file().name):
         (copy / name).unlink()
-    # named out of order: the Chinese CLIP is still trained before the BDM that reads it
-    assert main(["retrain", "bdm", "controlnet", "chinese_clip", "--quick", "--weights", str(copy),
-                 "--threads", "1"]) == 0
+    # named out of order: the Chinese CLIP is still trained before the BDM that reads it; no --seed, no
+    # --quick: the build's own
+    assert main(["retrain", "bdm", "controlnet", "chinese_clip", "--weights", str(copy), "--threads", "1"]) == 0
     for name in (paths.controlnet_file().name, paths.bdm_file().name):
         # same metadata and tensors (safetensors writes the metadata keys in a per-process order)
         meta_a, meta_b = (read_metadata(d / name) for d in (quick, copy))

@@ -23,10 +23,11 @@ def main(argv=None) -> int:
                    help="chinese_clip, bdm (reads the new or the shipped Chinese CLIP), judge, lora, controlnet, "
                    "dreambooth, ti")
     r.add_argument("--weights", help="folder of a finished build (default: the package's bdm/toy/weights)")
-    r.add_argument("--seed", type=int, default=0, help="the build's seed")
+    r.add_argument("--seed", type=int, help="the stages' seed (default: the build's, from its build.json)")
     r.add_argument("--threads", type=int, help="torch CPU threads")
-    r.add_argument("--scale", type=float, default=1.0, help="multiply the stages' step counts")
-    r.add_argument("--quick", action="store_true", help="tiny steps (for a build made with --quick)")
+    r.add_argument("--scale", type=float, help="multiply the stages' step counts (default: the build's)")
+    r.add_argument("--quick", action="store_true", default=None,
+                   help="tiny steps (default: as the build was made, from its build.json)")
     e = sub.add_parser("eval", help="the paper's claims as measured numbers, with a contact sheet per row")
     e.add_argument("--weights", help="folder of toy weights (default: the package's)")
     e.add_argument("--images", type=int, default=216, help="images per row (≥ 100 for the report)")

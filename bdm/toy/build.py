@@ -564,24 +564,29 @@ def train_from_shipped(out: Path, data: dict[str, Pool], steps: Steps, seed: int
     return report
 
 
-def retrain(names, weights: Path | None = None, seed: int = 0, scale: float = 1.0, quick: bool = False) -> dict:
+def retrain(names, weights: Path | None = None, seed: int | None = None, scale: float | None = None,
+            quick: bool | None = None) -> dict:
     """Retrain stages of a finished build from its shipped backbone (e.g. after changing a stage's steps):
-    the Chinese CLIP, the BDM, the judge, the plugins; the other models stay. Records the new steps, times,
-    accuracies in `build.json`."""
+    the Chinese CLIP, the BDM, the judge, the plugins; the other models stay. Seed, scale and quick default
+    to the build's own (its `build.json`), so a stage retrained unchanged is the build's stage. Records the
+    new steps, times, accuracies in `build.json`."""
     bad = [n for n in names if n not in FROM_SHIPPED]
     if bad:
         raise ValueError(f"unknown stage(s) {', '.join(bad)}; retrain takes some of {', '.join(FROM_SHIPPED)}")
     out = Path(weights) if weights else paths.WEIGHTS
     if not (out / paths.backbone_checkpoint().name).is_file():
         raise FileNotFoundError(f"{out}: no {paths.backbone_checkpoint().name}; run `python -m bdm.toy build` first")
+    record = out / "build.json"
+    report = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    seed = report.get("seed", 0) if seed is None else seed
+    scale = report.get("scale", 1.0) if scale is None else scale
+    quick = report.get("quick", False) if quick is None else quick
     steps = steps_for(quick, scale)
     log = Log()
     with log.stage("data"):
         data = make_data(steps, seed)
     names = [n for n in BUILD_ORDER if n in names]  # the Chinese CLIP before the BDM that reads it
     judged = train_from_shipped(out, data, steps, seed, log, names)
-    record = out / "build.json"
-    report = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
     report.update(judged)
     for name in names:
         report.setdefault("steps", {})[name] = getattr(steps, name)
