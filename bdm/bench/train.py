@@ -12,8 +12,10 @@ the trainer does by default; with `--compile` the step goes through `torch.compi
 
 Time: interleaved repeats (ours, peer, ours, peer, …), medians. Memory: on CUDA the peak allocated
 memory of a step (for ours with CUDA graphs: plus every byte the graphs' private pools reserve and the
-gradients, kept allocated between steps); on CPU the bytes autograd keeps for backward (saved activations,
-unique storages) plus trainable weights, gradients and optimizer state — the part of a step's peak that differs.
+gradients, kept allocated between steps), and beside it the peak reserved memory of one step for each
+side after `empty_cache` (whole allocator segments, slack included, as the process holds them); on CPU
+the bytes autograd keeps for backward (saved activations, unique storages) plus trainable weights,
+gradients and optimizer state — the part of a step's peak that differs.
 """
 from __future__ import annotations
 
@@ -211,6 +213,17 @@ def main(argv=None) -> int:
             times[name].append(dt)
             if mem is not None:
                 mems[name].append(mem + (_graphed_extra(ours) if name == "ours" and graphed else 0))
+    reserved = {}
+    if not cpu:  # what each step adds to the process's CUDA memory, whole segments (what nvidia-smi shows)
+        for name, fn in (("ours", step_ours), ("peer", step_peer)):
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_reserved(device)  # graph pools stay reserved: they are in the base
+            fn()
+            torch.cuda.synchronize(device)
+            extra = _graphed_extra(ours) if name == "ours" and graphed else 0
+            reserved[name] = torch.cuda.max_memory_reserved(device) - base + extra
     if cpu:  # bytes autograd keeps + trainable state
         m_ours, m_peer = SavedBytes(), SavedBytes()
         step_ours(m_ours)
@@ -231,7 +244,11 @@ def main(argv=None) -> int:
     if graphed is not None:
         print(f"ours: {len(graphed.graphs)} CUDA graph(s), memory counted above includes "
               f"{_graphed_extra(ours) / 2**20:.1f} MiB of graph pools and gradients kept between steps")
-    print(f"RATIOS time ours/peer={t_ours / t_peer:.3f} memory ours/peer={mem_ours / mem_peer:.3f}")
+    if reserved:
+        print(f"peak reserved (segments whole, after empty_cache; ours with its graph pools): "
+              f"ours {reserved['ours'] / 2**20:.1f} MiB, peer {reserved['peer'] / 2**20:.1f} MiB")
+    print(f"RATIOS time ours/peer={t_ours / t_peer:.3f} memory ours/peer={mem_ours / mem_peer:.3f}"
+          + (f" reserved ours/peer={reserved['ours'] / reserved['peer']:.3f}" if reserved else ""))
     return 0
 
 
