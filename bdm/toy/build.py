@@ -272,6 +272,13 @@ def with_size_word(size: str, caption: str) -> str:
     return f"{size}, {caption}"
 
 
+def backbone_captions(specs) -> list[str]:
+    """Every caption `english_training_caption` can give for these pictures (encoded once, up front)."""
+    plain = ({D.english_caption(s, t) for s in specs for t in range(len(D.EN_TEMPLATES))}
+             | {D.partial_caption(s, t) for s in specs for t in range(len(D.EN_PARTIAL))})
+    return sorted(plain | {with_size_word(size, c) for c in plain for size in D.SIZES} | {""})
+
+
 def train_backbone(pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
     from ..unet import UNetModel
     torch.manual_seed(seed + 1)
@@ -279,9 +286,7 @@ def train_backbone(pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
     text.transformer.train()
     rows = torch.tensor(english_rows(pool))
     rng = random.Random(seed + 1)
-    plain = ({D.english_caption(s, t) for s in pool.specs for t in range(len(D.EN_TEMPLATES))}
-             | {D.partial_caption(s, t) for s in pool.specs for t in range(len(D.EN_PARTIAL))})
-    captions = sorted(plain | {with_size_word(size, c) for c in plain for size in D.SIZES} | {""})
+    captions = backbone_captions(pool.specs)
     ids = M.english_ids(text, captions)
     index = {c: i for i, c in enumerate(captions)}
 

@@ -46,6 +46,8 @@ class Row:
 ROWS = [
     Row("backbone_empty", 'backbone alone, English ""', bdm=False, en_prompt="", chinese=False),
     Row("backbone_english", "backbone with English prompt", bdm=False, chinese=False, extra=["size"]),
+    Row("backbone_small", 'backbone with English "small, …"', bdm=False, chinese=False, en_prompt="small, {en}",
+        extra=["size"]),
     Row("bdm", 'BDM, Chinese prompt, EN ""', en_prompt="", extra=["size"], targets={"colour": 90, "shape": 85}),
     Row("lora", f"BDM + LoRA (EN \"{D.LORA_TRIGGER}\")", en_prompt=D.LORA_TRIGGER, lora=LORA_WEIGHT, extra=["style"],
         targets={"style": 80}),
