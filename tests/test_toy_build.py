@@ -137,6 +137,31 @@ def test_domain_chinese_only_concept_and_held_out_phrasings():
     assert not set(held_zh) & {D.ZH_TEMPLATES[D.train_template(rng, "zh")] for _ in range(500)}
 
 
+def test_backbone_captions_name_the_size_in_about_half():
+    from bdm.toy.build import backbone_captions, english_training_caption
+    rng = random.Random(0)
+    specs = [D.random_spec(rng, shapes=D.ENGLISH_SHAPES) for _ in range(400)]
+    known = set(backbone_captions(specs))
+    captions = [(s, english_training_caption(s, rng)) for s in specs for _ in range(5)]
+    assert all(c in known for _, c in captions)  # the backbone stage encodes them all up front
+    sized = [(s, c) for s, c in captions if c.split(",")[0] in D.SIZES]
+    assert all(c.startswith(f"{s.size}, ") for s, c in sized)  # the picture's own size, never the other
+    assert 0.35 < len(sized) / len(captions) < 0.55  # half of the 90 % non-empty ones
+    assert {s.size for s, _ in sized} == set(D.SIZES)
+
+
+def test_a_plugins_gain_is_counted_against_bdm_alone():
+    """The TI row's size share passes only where it is 20 points above what BDM draws without the TI."""
+    from bdm.toy.evaluate import check_targets
+    for bdm_size, ti_size, gain_met in ((87.0, 85.6, False), (50.0, 85.6, True)):
+        results = {"rows": {"bdm": {"colour": 100.0, "shape": 99.0, "size": bdm_size},
+                            "ti": {"colour": 99.0, "shape": 98.0, "size": ti_size}}}
+        check_targets(results)
+        met = results["rows"]["ti"]["targets_met"]
+        assert met["size"] is True and met["size +20 over BDM"] is gain_met
+        assert met["colour within 5"] and met["shape within 5"]
+
+
 def test_domain_pictures_and_hint():
     import numpy as np
     spec = D.Spec("red", "circle", 0, "large")

@@ -255,15 +255,28 @@ def english_caption(spec, rng: random.Random) -> str:
 
 
 def english_training_caption(spec, rng: random.Random) -> str:
-    """10 % empty, 20 % partial (only the colour or only the shape), else a full caption. Partial
-    captions teach the backbone that a word it does not know (a LoRA trigger, a style word) leaves
-    colour and shape open — as in real captions — instead of standing for some colour."""
+    """10 % empty, 20 % partial (only the colour or only the shape), else a full caption; half of the
+    non-empty ones start with the object's size ("large, …"). Partial captions teach the backbone that a
+    word it does not know (a LoRA trigger, a style word) leaves colour and shape open — as in real
+    captions — instead of standing for some colour. The size words let the backbone take size from text,
+    so the toy Textual Inversion (large objects) has something to find: without them it cannot."""
     r = rng.random()
     if r < 0.1:
         return ""
-    if r < 0.3:
-        return D.partial_caption(spec, rng.randrange(len(D.EN_PARTIAL)))
-    return english_caption(spec, rng)
+    caption = (D.partial_caption(spec, rng.randrange(len(D.EN_PARTIAL))) if r < 0.3
+               else english_caption(spec, rng))
+    return with_size_word(spec.size, caption) if rng.random() < 0.5 else caption
+
+
+def with_size_word(size: str, caption: str) -> str:
+    return f"{size}, {caption}"
+
+
+def backbone_captions(specs) -> list[str]:
+    """Every caption `english_training_caption` can give for these pictures (encoded once, up front)."""
+    plain = ({D.english_caption(s, t) for s in specs for t in range(len(D.EN_TEMPLATES))}
+             | {D.partial_caption(s, t) for s in specs for t in range(len(D.EN_PARTIAL))})
+    return sorted(plain | {with_size_word(size, c) for c in plain for size in D.SIZES} | {""})
 
 
 def train_backbone(pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
@@ -273,8 +286,7 @@ def train_backbone(pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
     text.transformer.train()
     rows = torch.tensor(english_rows(pool))
     rng = random.Random(seed + 1)
-    captions = sorted({D.english_caption(s, t) for s in pool.specs for t in range(len(D.EN_TEMPLATES))}
-                      | {D.partial_caption(s, t) for s in pool.specs for t in range(len(D.EN_PARTIAL))} | {""})
+    captions = backbone_captions(pool.specs)
     ids = M.english_ids(text, captions)
     index = {c: i for i, c in enumerate(captions)}
 

@@ -40,12 +40,15 @@ class Row:
     chinese_only: bool = False
     extra: list[str] = field(default_factory=list)  # judged attributes beyond colour/shape
     targets: dict[str, float] = field(default_factory=dict)
+    gains: dict[str, float] = field(default_factory=dict)  # points above BDM alone (the plugin's own effect)
 
 
 ROWS = [
     Row("backbone_empty", 'backbone alone, English ""', bdm=False, en_prompt="", chinese=False),
-    Row("backbone_english", "backbone with English prompt", bdm=False, chinese=False),
-    Row("bdm", 'BDM, Chinese prompt, EN ""', en_prompt="", targets={"colour": 90, "shape": 85}),
+    Row("backbone_english", "backbone with English prompt", bdm=False, chinese=False, extra=["size"]),
+    Row("backbone_small", 'backbone with English "small, …"', bdm=False, chinese=False, en_prompt="small, {en}",
+        extra=["size"]),
+    Row("bdm", 'BDM, Chinese prompt, EN ""', en_prompt="", extra=["size"], targets={"colour": 90, "shape": 85}),
     Row("lora", f"BDM + LoRA (EN \"{D.LORA_TRIGGER}\")", en_prompt=D.LORA_TRIGGER, lora=LORA_WEIGHT, extra=["style"],
         targets={"style": 80}),
     Row("lora_english", "reference: backbone + LoRA, English prompt, no BDM", bdm=False, chinese=False,
@@ -59,7 +62,7 @@ ROWS = [
     Row("dreambooth_english", "reference: fine-tuned backbone, English prompt, no BDM", checkpoint="dreambooth",
         bdm=False, chinese=False, extra=["style"]),
     Row("ti", f"BDM + Textual Inversion (EN \"{TI}\")", en_prompt=TI, ti=True, extra=["size"],
-        targets={"size": 80}),
+        targets={"size": 80}, gains={"size": 20}),
     Row("ti_english", "reference: backbone + Textual Inversion, English prompt, no BDM", bdm=False, chinese=False,
         en_prompt=f"{TI}, {{en}}", ti=True, extra=["size"]),
     Row("chinese_only", "Chinese-only concept (五角星)", en_prompt="", chinese_only=True),
@@ -228,7 +231,8 @@ def evaluate(weights=None, images: int = 216, output: str | Path | None = "toy-e
 
 
 def check_targets(results: dict) -> None:
-    """Mark every row's targets met or not (semantics within SEMANTIC_MARGIN of BDM alone)."""
+    """Mark every row's targets met or not (semantics within SEMANTIC_MARGIN of BDM alone; a plugin's
+    gain counted against BDM alone, so a share the backbone draws anyway does not pass for its effect)."""
     rows = results["rows"]
     base = rows.get("bdm")
     for key, res in rows.items():
@@ -236,6 +240,9 @@ def check_targets(results: dict) -> None:
         verdicts = {}
         for attr, target in row.targets.items():
             verdicts[attr] = res.get(attr, 0) >= target
+        for attr, gain in row.gains.items():
+            if base and attr in base:
+                verdicts[f"{attr} +{gain:g} over BDM"] = res.get(attr, 0) >= base[attr] + gain
         if base and row.bdm and key not in ("bdm", "chinese_only", "all"):
             for attr in ("colour", "shape"):
                 verdicts[f"{attr} within {SEMANTIC_MARGIN:g}"] = res[attr] >= base[attr] - SEMANTIC_MARGIN
