@@ -202,6 +202,9 @@ def main(argv=None) -> int:
             return time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) - base
         return time.perf_counter() - t0, None
 
+    def kept_between_steps(name) -> int:  # what ours with CUDA graphs holds outside the step's allocations
+        return _graphed_extra(ours) if name == "ours" and graphed else 0
+
     l_ours, l_peer = step_ours(), step_peer()  # also warms up
     for _ in range(a.warmup - 1):
         step_ours(), step_peer()
@@ -212,9 +215,9 @@ def main(argv=None) -> int:
             dt, mem = timed(fn)
             times[name].append(dt)
             if mem is not None:
-                mems[name].append(mem + (_graphed_extra(ours) if name == "ours" and graphed else 0))
+                mems[name].append(mem + kept_between_steps(name))
     reserved = {}
-    if not cpu:  # what each step adds to the process's CUDA memory, whole segments (what nvidia-smi shows)
+    if not cpu:  # what each step adds to the process's CUDA memory, whole segments (closer to nvidia-smi)
         for name, fn in (("ours", step_ours), ("peer", step_peer)):
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
@@ -222,8 +225,7 @@ def main(argv=None) -> int:
             base = torch.cuda.memory_reserved(device)  # graph pools stay reserved: they are in the base
             fn()
             torch.cuda.synchronize(device)
-            extra = _graphed_extra(ours) if name == "ours" and graphed else 0
-            reserved[name] = torch.cuda.max_memory_reserved(device) - base + extra
+            reserved[name] = torch.cuda.max_memory_reserved(device) - base + kept_between_steps(name)
     if cpu:  # bytes autograd keeps + trainable state
         m_ours, m_peer = SavedBytes(), SavedBytes()
         step_ours(m_ours)
