@@ -259,7 +259,7 @@ def english_training_caption(spec, rng: random.Random) -> str:
     non-empty ones start with the object's size ("large, …"). Partial captions teach the backbone that a
     word it does not know (a LoRA trigger, a style word) leaves colour and shape open — as in real
     captions — instead of standing for some colour. The size words let the backbone take size from text,
-    so the toy Textual Inversion (large objects) has something to find: without them it cannot."""
+    so the toy Textual Inversion (small objects) has something to find: without them it cannot."""
     r = rng.random()
     if r < 0.1:
         return ""
@@ -457,12 +457,14 @@ def train_dreambooth(unet, text, pool: Pool, steps: Steps, gen: torch.Generator,
 
 
 def train_ti(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int, n_vectors: int = 2):
-    """Textual Inversion: `n_vectors` input embeddings for the name `bigthing`, on large-object pictures."""
+    """Textual Inversion: `n_vectors` input embeddings for the name `smallthing`, on small-object pictures.
+    Small, not large: CFG makes BDM alone draw mostly large objects, so only a small-making TI shows its
+    own effect in the eval."""
     torch.manual_seed(seed + 7)
-    rows = torch.tensor([i for i, s in enumerate(pool.specs) if s.size == "large" and s.shape != D.CHINESE_ONLY])
+    rows = torch.tensor([i for i, s in enumerate(pool.specs) if s.size == "small" and s.shape != D.CHINESE_ONLY])
     name = D.TI_NAME
     token_embedding = text.transformer.get_input_embeddings()
-    init = token_embedding.weight[text.tokenizer.encode("large")[0]].detach().clone()
+    init = token_embedding.weight[text.tokenizer.encode("small")[0]].detach().clone()
     vectors = torch.nn.Parameter(init[None].repeat(n_vectors, 1) + 0.01 * torch.randn(n_vectors, init.shape[0]))
     rng = random.Random(seed + 7)
     text.add_embedding(name, torch.zeros(n_vectors, init.shape[0]))  # to tokenize the name as A1111 does
