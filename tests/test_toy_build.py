@@ -106,14 +106,14 @@ def test_export_webui(quick, tmp_path, capsys):
     for path in (sd / "bdm-toy-sd1.safetensors", sd / "bdm-toy-sd1.yaml", sd / "bdm-toy-sd1-outline.safetensors",
                  root / "models" / "bdm" / "bdm-toy.safetensors", root / "models" / "Lora" / "bdm-toy-striped.safetensors",
                  root / "models" / "ControlNet" / "bdm-toy-bbox.safetensors",
-                 root / "embeddings" / "bdm-toy-bigthing.safetensors"):
+                 root / "embeddings" / "bdm-toy-smallthing.safetensors"):
         assert path.is_file(), path
     version = yaml.safe_load((sd / "bdm-toy-sd1.yaml").read_text())["model"]["params"]["cond_stage_config"]["params"]["version"]
     assert Path(version).is_absolute() and (Path(version) / "vocab.json").is_file()
     from transformers import CLIPTokenizer
     assert CLIPTokenizer.from_pretrained(version)("a red circle").input_ids[0] == 49406  # offline, from the folder
     out = capsys.readouterr().out
-    assert D.LORA_TRIGGER in out and "bdm-toy-bigthing" in out
+    assert D.LORA_TRIGGER in out and "bdm-toy-smallthing" in out
 
 
 @pytest.mark.slow
@@ -151,14 +151,14 @@ def test_backbone_captions_name_the_size_in_about_half():
 
 
 def test_a_plugins_gain_is_counted_against_bdm_alone():
-    """The TI row's size share passes only where it is 20 points above what BDM draws without the TI."""
+    """The TI row's small share passes only where it is 20 points above what BDM draws without the TI."""
     from bdm.toy.evaluate import check_targets
-    for bdm_size, ti_size, gain_met in ((87.0, 85.6, False), (50.0, 85.6, True)):
-        results = {"rows": {"bdm": {"colour": 100.0, "shape": 99.0, "size": bdm_size},
-                            "ti": {"colour": 99.0, "shape": 98.0, "size": ti_size}}}
+    for bdm_small, ti_small, gain_met in ((70.0, 85.6, False), (12.0, 85.6, True)):
+        results = {"rows": {"bdm": {"colour": 100.0, "shape": 99.0, "small": bdm_small},
+                            "ti": {"colour": 99.0, "shape": 98.0, "small": ti_small}}}
         check_targets(results)
         met = results["rows"]["ti"]["targets_met"]
-        assert met["size"] is True and met["size +20 over BDM"] is gain_met
+        assert met["small"] is True and met["small +20 over BDM"] is gain_met
         assert met["colour within 5"] and met["shape within 5"]
 
 

@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bdm.toy", description="The toy world: build, evaluate and "
                                 "export the embedded toy models.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="train every toy model from scratch (deterministic)")
+    b = sub.add_parser("build", help="train every toy model from scratch (seeded)")
     b.add_argument("--quick", action="store_true", help="tiny steps: a smoke test of the whole build path")
     b.add_argument("--output", help="folder for the weights (default: the package's bdm/toy/weights)")
     b.add_argument("--seed", type=int, default=0)

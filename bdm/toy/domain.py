@@ -45,7 +45,7 @@ ZH_TEMPLATES = ["{c}的{s}", "一个{c}的{s}", "{c}{s}", "画着一个{c}的{s}
 ZH_HELD_OUT = 2
 
 LORA_TRIGGER = "striped"  # English trigger word of the toy LoRA (striped background)
-TI_NAME = "bigthing"  # Textual Inversion embedding: large objects
+TI_NAME = "smallthing"  # Textual Inversion embedding: small objects (BDM alone draws mostly large ones)
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,10 @@ class Row:
 
 ROWS = [
     Row("backbone_empty", 'backbone alone, English ""', bdm=False, en_prompt="", chinese=False),
-    Row("backbone_english", "backbone with English prompt", bdm=False, chinese=False, extra=["size"]),
+    Row("backbone_english", "backbone with English prompt", bdm=False, chinese=False, extra=["small"]),
     Row("backbone_small", 'backbone with English "small, …"', bdm=False, chinese=False, en_prompt="small, {en}",
-        extra=["size"]),
-    Row("bdm", 'BDM, Chinese prompt, EN ""', en_prompt="", extra=["size"], targets={"colour": 90, "shape": 85}),
+        extra=["small"]),
+    Row("bdm", 'BDM, Chinese prompt, EN ""', en_prompt="", extra=["small"], targets={"colour": 90, "shape": 85}),
     Row("lora", f"BDM + LoRA (EN \"{D.LORA_TRIGGER}\")", en_prompt=D.LORA_TRIGGER, lora=LORA_WEIGHT, extra=["style"],
         targets={"style": 80}),
     Row("lora_english", "reference: backbone + LoRA, English prompt, no BDM", bdm=False, chinese=False,
@@ -61,13 +61,13 @@ ROWS = [
         targets={"style": 80}),
     Row("dreambooth_english", "reference: fine-tuned backbone, English prompt, no BDM", checkpoint="dreambooth",
         bdm=False, chinese=False, extra=["style"]),
-    Row("ti", f"BDM + Textual Inversion (EN \"{TI}\")", en_prompt=TI, ti=True, extra=["size"],
-        targets={"size": 80}, gains={"size": 20}),
+    Row("ti", f"BDM + Textual Inversion (EN \"{TI}\")", en_prompt=TI, ti=True, extra=["small"],
+        targets={"small": 80}, gains={"small": 20}),
     Row("ti_english", "reference: backbone + Textual Inversion, English prompt, no BDM", bdm=False, chinese=False,
-        en_prompt=f"{TI}, {{en}}", ti=True, extra=["size"]),
+        en_prompt=f"{TI}, {{en}}", ti=True, extra=["small"]),
     Row("chinese_only", "Chinese-only concept (五角星)", en_prompt="", chinese_only=True),
     Row("all", "all plugins together", checkpoint="dreambooth", en_prompt=f"{D.LORA_TRIGGER} {TI}",
-        lora=LORA_WEIGHT, ti=True, controlnet=True, extra=["position", "size", "stripes", "outline"]),
+        lora=LORA_WEIGHT, ti=True, controlnet=True, extra=["position", "small", "stripes", "outline"]),
 ]
 STYLE = {"lora": ("background", "striped"), "lora_english": ("background", "striped"),
          "dreambooth": ("drawing", "outline"), "dreambooth_english": ("drawing", "outline")}
@@ -180,8 +180,8 @@ def judge_row(world: World, row: Row, requests: list[dict], images: torch.Tensor
     for extra in row.extra:
         if extra == "position":
             result["position"] = rate([int(p) == r["position"] for p, r in zip(pred["position"], requests)])
-        elif extra == "size":
-            result["size"] = rate(pred["size"] == D.SIZES.index("large"))
+        elif extra == "small":  # the share drawn small: the TI's attribute
+            result["small"] = rate(pred["size"] == D.SIZES.index("small"))
         elif extra == "style":
             head, value = STYLE[row.key]
             result["style"] = rate(pred[head] == (D.BACKGROUNDS if head == "background" else D.DRAWINGS).index(value))
@@ -252,7 +252,7 @@ def check_targets(results: dict) -> None:
 def table(results: dict) -> str:
     lines = ["| row | colour % | shape % | other % | targets (✓ met, ✗ not) |", "|---|---|---|---|---|"]
     for key, res in results["rows"].items():
-        other = ", ".join(f"{k} {res[k]}" for k in ("star", "style", "position", "size", "stripes", "outline")
+        other = ", ".join(f"{k} {res[k]}" for k in ("star", "style", "position", "small", "stripes", "outline")
                           if k in res)
         met = res.get("targets_met", {})
         verdict = "; ".join(f"{k} {'✓' if v else '✗'}" for k, v in met.items()) or "report"

@@ -58,7 +58,7 @@ Trigger words and how to use them (Chinese prompt → the BDM panel, English pro
   LoRA        <lora:{paths.lora_file().stem}:1> {D.LORA_TRIGGER}   (striped background)
   ControlNet  {paths.controlnet_file().stem}: control image = the object's bounding box, white filled
               rectangle on black, 64×64 (fixes the position)
-  embedding   {paths.embedding_file().stem} in the English prompt (large objects; the name is the file name)
+  embedding   {paths.embedding_file().stem} in the English prompt (small objects; the name is the file name)
   DreamBooth  switch the checkpoint to {paths.dreambooth_checkpoint().stem} (outline drawings)
 Set width and height to 64.""")
     return written

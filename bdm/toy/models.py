@@ -51,8 +51,8 @@ def english_hidden(encoder, ids: torch.Tensor) -> torch.Tensor:
 class Schedule(NoiseSchedule):
     """SD1's training schedule (the one `bdm.train` uses), drawing timesteps and noise from a generator."""
 
-    def noisy(self, z0: torch.Tensor, generator: torch.Generator):
-        t = torch.randint(0, 1000, (z0.shape[0],), generator=generator)
+    def noisy(self, z0: torch.Tensor, generator: torch.Generator, t_max: int = 1000):
+        t = torch.randint(0, t_max, (z0.shape[0],), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         return self.add_noise(z0, noise, t), t, noise
 

@@ -35,7 +35,7 @@ def controlnet_file() -> Path:
 
 
 def embedding_file() -> Path:
-    return WEIGHTS / "bdm-toy-bigthing.safetensors"
+    return WEIGHTS / "bdm-toy-smallthing.safetensors"
 
 
 def judge_file() -> Path:

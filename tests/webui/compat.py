@@ -48,7 +48,7 @@ def make_world(a1111: Path) -> World:
         prompts = [(D.chinese_caption(D.Spec(c, s, 4, "large"), D.held_out_templates("zh")[0]), {"colour": c, "shape": s})
                    for c, s in (("red", "circle"), ("blue", "triangle"), ("green", "square"), ("yellow", "circle"))]
         return World(True, "bdm-toy-sd1", "bdm-toy-sd1-outline", "bdm-toy", "bdm-toy", "bdm-toy-striped",
-                     D.LORA_TRIGGER, "bdm-toy-bigthing", prompts=prompts, steps=12, judge=ToyJudge())
+                     D.LORA_TRIGGER, "bdm-toy-smallthing", prompts=prompts, steps=12, judge=ToyJudge())
     prompts = [("红色的圆形，蓝色的背景", {}), ("一只黄色的猫", {}), ("绿色的三角形", {}), ("车水马龙的街道", {})]
     return World(False, "tiny-sd1", FT_CHECKPOINT, TEST_MODEL, TEST_MODEL_2, "tinylora", "", TI_NAME,
                  prompts=prompts, lora_weight=0.8)
