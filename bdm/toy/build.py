@@ -62,8 +62,6 @@ def steps_for(quick: bool, scale: float) -> Steps:
     return QUICK if quick else scaled(FULL, scale)
 
 
-DREAMBOOTH_T_MAX = 600  # the fine-tune's timesteps: [0, 600) of 1000
-
 QUICK = Steps(n_base=96, n_style=32, vae=3, vae_batch=8, judge=3, backbone=3, backbone_batch=8, chinese_clip=3,
               bdm=2, bdm_batch=4, lora=2, controlnet=2, dreambooth=2, ti=2, plugin_batch=4)
 
@@ -441,6 +439,9 @@ def train_controlnet(unet, text, pool: Pool, steps: Steps, gen: torch.Generator,
                          gen, control, 0.995, warmup=50)
     ema.copy_to(control)
     return control.eval().requires_grad_(False)
+
+
+DREAMBOOTH_T_MAX = 600  # the fine-tune's timesteps: [0, 600) of 1000
 
 
 def train_dreambooth(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
