@@ -225,9 +225,9 @@ def caption_batch(specs, idx, rng: random.Random, make) -> list[str]:
 
 
 def diffusion_loop(name: str, total: int, params, lr: float, sample_batch, eps_fn, gen: torch.Generator,
-                   modules_to_ema=None, ema_decay: float = 0.999, warmup: int = 100, t_max: int = 1000):
+                   modules_to_ema=None, ema_decay: float = 0.999, warmup: int = 100, t_max: int | None = None):
     """Generic ε-prediction training loop; `sample_batch()` → (z0, captions or extras); timesteps drawn
-    from [0, t_max)."""
+    from [0, t_max) (default: the whole schedule)."""
     sched = M.Schedule()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = M.EMA(modules_to_ema, ema_decay) if modules_to_ema is not None else None

@@ -51,8 +51,9 @@ def english_hidden(encoder, ids: torch.Tensor) -> torch.Tensor:
 class Schedule(NoiseSchedule):
     """SD1's training schedule (the one `bdm.train` uses), drawing timesteps and noise from a generator."""
 
-    def noisy(self, z0: torch.Tensor, generator: torch.Generator, t_max: int = 1000):
-        t = torch.randint(0, t_max, (z0.shape[0],), generator=generator)
+    def noisy(self, z0: torch.Tensor, generator: torch.Generator, t_max: int | None = None):
+        """z0 noised at timesteps drawn from [0, t_max) (default: the whole schedule)."""
+        t = torch.randint(0, t_max or self.num_timesteps, (z0.shape[0],), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         return self.add_noise(z0, noise, t), t, noise
 
