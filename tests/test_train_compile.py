@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_train_buckets import write_mixed_set
-from tests.test_train_support import one_thread, shared_backbone, train  # noqa: F401
+from tests.train_util import shared_backbone, train, write_mixed_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 
 @pytest.fixture(scope="module")
