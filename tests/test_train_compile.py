@@ -37,6 +37,7 @@ def _run(tmp, ckpt, data, **kw):
     return train(tmp, ckpt, data, **{**opts, **kw})
 
 
+@pytest.mark.slow
 def test_compiled_step_trains_like_the_eager_one(setup, tmp_path):
     from torch._dynamo.utils import counters
     ckpt, data = setup

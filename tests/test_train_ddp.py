@@ -14,6 +14,7 @@ from tests.util import REPO
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path, tmp_path_factory):
     import bdm
     ckpt = shared_backbone(tmp_path_factory)

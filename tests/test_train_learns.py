@@ -15,5 +15,6 @@ from tests.train_util import train_and_check_steering
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_caption_steers_the_image(tmp_path, tmp_path_factory):
     train_and_check_steering(tmp_path, tmp_path_factory)
