@@ -21,7 +21,9 @@ from bdm.text.clip import (
     text_config_from_state_dict,
 )
 
-transformers = pytest.importorskip("transformers")
+from .util import oracle
+
+transformers = oracle("transformers")
 BDM_870 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "BDM_870.json"
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 BOS, EOS, COMMA = 49406, 49407, 267
@@ -99,7 +101,7 @@ FIXABLE = ["“quoted” ‘text’ ʼn", "ｆｕｌｌｗｉｄｔｈ　ＡＢ�
 
 def test_tokenizer_matches_webui_tokenization(tok, hf_tok):
     """The WebUI's tokenizer (transformers 4.x Python `CLIPTokenizer`) = ftfy.fix_text, then the same BPE."""
-    ftfy = pytest.importorskip("ftfy")
+    ftfy = oracle("ftfy")  # the WebUI's tokenizer uses it; open_clip_torch installs it
     texts = STRINGS + FIXABLE + bdm_870_english()
     mismatches = [t for t in texts
                   if tok.encode(t) != hf_tok(ftfy.fix_text(t), add_special_tokens=False)["input_ids"]]

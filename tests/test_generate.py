@@ -72,6 +72,7 @@ def generate_pixels(world, tmp_path, *extra, name="out.png", expect=0):
     return np.asarray(Image.open(out)), out
 
 
+@pytest.mark.slow
 def test_deterministic_and_strength_zero_is_the_backbone(world, tmp_path):
     a, out = generate_pixels(world, tmp_path, "--prompt", "红色的圆形")
     b, _ = generate_pixels(world, tmp_path, "--prompt", "红色的圆形", name="again.png")
@@ -95,6 +96,7 @@ def test_png_parameters_round_trip(world, tmp_path):
     assert len(params["BDM model hash"]) == 10
 
 
+@pytest.mark.slow
 def test_each_plugin_changes_the_output_and_removing_it_restores(world, tmp_path):
     base, _ = generate_pixels(world, tmp_path, "--prompt", "红色的圆形", "--en-prompt", "bigthing")
     runs = {
@@ -136,6 +138,7 @@ def test_lora_equals_merge_and_removal_is_bit_exact(world):
     assert all(torch.equal(ck.text_encoder.state_dict()[k], v) for k, v in te_before.items())
 
 
+@pytest.mark.slow
 def test_shared_encoder_equals_plain_path(world):
     from bdm.pipeline import Pipeline, Request
     ck = load_checkpoint(world["ckpt"])

@@ -9,6 +9,8 @@ import pytest
 
 from bdm.text.tokenizer import BertChineseTokenizer, default_vocab_path
 
+from .util import oracle
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "BDM_870.json"
 
 TRICKY = [
@@ -51,7 +53,7 @@ def ours():
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """transformers.BertTokenizer on our vocab (Rust-backed in 5.x, Python in 4.x), offline."""
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle("transformers")
     d = _reference_dir(tmp_path_factory)
     tok = transformers.BertTokenizer.from_pretrained(str(d), do_lower_case=True, tokenize_chinese_chars=True)
     assert len(tok) == 21128
@@ -61,7 +63,7 @@ def hf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_python(tmp_path_factory):
     """transformers' pure-Python BERT tokenizer (4.x BertTokenizer, 5.x BertTokenizerLegacy)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle("transformers")
     d = _reference_dir(tmp_path_factory)
     try:
         from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as cls

@@ -10,8 +10,7 @@ from bdm import convert, inspect as bdm_inspect
 from bdm.cli import run
 from bdm.text.chinese import ChineseTextEncoder, toy_config
 
-from .test_bridge_peers import CN_DIM, make_official_dir
-from .util import REPO
+from .util import CN_DIM, REPO, make_official_dir
 
 
 def official_release(tmp_path):

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from tests.test_train_support import config, one_thread, shared_backbone, write_colour_set  # noqa: F401
+from tests.train_util import config, shared_backbone, write_colour_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 
 @pytest.fixture(scope="module")
