@@ -85,6 +85,16 @@ def ldm_latent_diffusion(checkpoint: Path):
 
 
 def check_webui_layout(checkpoint: Path) -> None:
+    """A toy checkpoint as the WebUI gets it from `export-webui` (its CLIP folder plus the shipped tokenizer)."""
+    import tempfile
+
+    from bdm.toy.export import export_webui
+    with tempfile.TemporaryDirectory() as root:
+        export_webui(root, weights=checkpoint.parent, quiet=True)
+        check_exported_layout(Path(root) / "models" / "Stable-diffusion" / checkpoint.name)
+
+
+def check_exported_layout(checkpoint: Path) -> None:
     from bdm.formats.files import read_state_dict
     keys = read_state_dict(checkpoint).keys()
     prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")

@@ -14,7 +14,7 @@ def bdm_file() -> Path:
     return WEIGHTS / "bdm-toy.safetensors"
 
 
-CLIP_DIR_NAME = "bdm-toy-sd1-clip"  # the offline CLIP tokenizer + config folder the `.yaml` points at
+CLIP_DIR_NAME = "bdm-toy-sd1-clip"  # the toy CLIP's config folder the `.yaml` points at (export-webui adds the tokenizer)
 
 
 def clip_dir() -> Path:
