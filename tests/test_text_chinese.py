@@ -30,6 +30,13 @@ def test_shapes_one_and_three_chunks(enc):
         enc.encode([])
 
 
+def test_public_api_at_the_package_top_level():
+    namespace = {}
+    exec("from bdm import *", namespace)
+    assert namespace["ChineseTextEncoder"] is ChineseTextEncoder
+    assert namespace["ChineseTextEncoder"].tiny(seed=0).encode("一只猫").shape == (1, 52, H)
+
+
 def test_encode_runs_without_grad_and_on_module_dtype(enc):
     out = enc.encode(["一只猫"])
     assert not out.requires_grad and out.dtype == torch.float32
