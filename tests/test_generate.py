@@ -152,6 +152,18 @@ def test_shared_encoder_equals_plain_path(world):
         assert not torch.equal(shared[0], shared[1])  # rows have their own seeds
 
 
+def test_long_negative_gets_the_official_layout(world):
+    """A long Chinese negative: prompt and negative over the same chunks, 50*k + 2 tokens (the official
+    inference's layout; `tests/test_text_chinese.py` checks it against an independent construction)."""
+    from bdm.pipeline import Pipeline, Request
+    pipe = Pipeline(load_checkpoint(world["ckpt"]), bdm.load_bridge(world["bdm"]))
+    negative = "最差质量,低质量,低分辨率,伪影,丑陋,脸崩坏,变形,模糊,重复,病态,残缺,多余的手指," * 2  # 2 chunks
+    _, chinese = pipe.encode_prompts(Request(prompt="红色的圆形", negative_prompt=negative, batch_size=2))
+    assert chinese.shape[:2] == (4, 102)
+    expected = pipe.bridge.text_encoder.encode(["红色的圆形", negative])
+    torch.testing.assert_close(chinese, expected[[0, 0, 1, 1]].to(chinese))
+
+
 @pytest.mark.parametrize("case", ["missing", "sd2", "inpaint", "lora-sdxl", "lora-shape", "emb-width",
                                   "control-image", "overlong", "garbage"])
 def test_bad_inputs_exit_2_and_write_nothing(world, tmp_path, capsys, case):

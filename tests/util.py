@@ -185,6 +185,17 @@ def ldm_latent_diffusion(checkpoint: Path):
 
 
 def check_webui_layout(checkpoint: Path) -> None:
+    """A toy checkpoint as the WebUI gets it from `export-webui` (its CLIP folder plus the shipped tokenizer)
+    has exactly a WebUI SD1.x checkpoint's layout and the original UNet computes what ours computes."""
+    import tempfile
+
+    from bdm.toy.export import export_webui
+    with tempfile.TemporaryDirectory() as root:
+        export_webui(root, weights=checkpoint.parent, quiet=True)
+        check_exported_layout(Path(root) / "models" / "Stable-diffusion" / checkpoint.name)
+
+
+def check_exported_layout(checkpoint: Path) -> None:
     """The checkpoint has exactly a WebUI SD1.x checkpoint's layout and the original UNet computes what
     ours computes."""
     from bdm.formats.files import read_state_dict
