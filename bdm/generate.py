@@ -20,7 +20,7 @@ from .infotext import format_infotext
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Defaults a preset changes; flags given on the command line still win. "official": the official BDM1.0
 # `inference.py` (diffusers' DPM-Solver on its own schedule, 50 steps, CFG 7.5), whose noise comes from
-# one CPU generator for the whole batch and whose Chinese prompts use the 50·k + 2 token layout.
+# one CPU generator for the whole batch (its Chinese token layout is everyone's default).
 PRESETS = {"official": {"sampler": "DPM++ 2M (official)", "steps": 50, "cfg": 7.5}}
 
 
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=list(PRESETS),
                    help="official: the same picture for the same seed as the official BDM1.0 inference.py run "
                         "on a CPU (its DPM-Solver, 50 steps, CFG 7.5 unless given, the batch's noise from one "
-                        "generator seeded --seed, the official Chinese token layout)")
+                        "generator seeded --seed); see docs/official-parity.md")
     g = p.add_argument_group("prompts (Chinese → the BDM branch, English → the backbone)")
     g.add_argument("--prompt", default="", help="Chinese prompt; A1111 syntax (词:1.3), [词], BREAK")
     g.add_argument("--negative", default="", help="Chinese negative prompt")
@@ -160,8 +160,6 @@ def main(argv=None) -> int:
 
     checkpoint = load_checkpoint(checkpoint_path)
     bridge = None if args.no_bdm else load_bridge(bdm_path, args.chinese_clip)
-    if bridge is not None and args.preset == "official":
-        bridge.text_encoder.trim_inner_specials = True  # 50·k + 2 tokens: inner [SEP]/[CLS] dropped
     for path in args.embedding:
         load_embedding(checkpoint.text_encoder, path)
     loras = [lora_spec(s) for s in args.lora]

@@ -31,7 +31,8 @@ from .official_oracle import eps_model, give_layer_norms_an_affine_part, schedul
 from .util import REPO, tiny_sd_parts
 
 OFFICIAL_DIR = os.environ.get("BDM_OFFICIAL_DIR")
-pytestmark = pytest.mark.skipif(not OFFICIAL_DIR, reason="needs BDM_OFFICIAL_DIR: see docs/official-parity.md")
+pytestmark = [pytest.mark.skipif(not OFFICIAL_DIR, reason="needs BDM_OFFICIAL_DIR: see docs/official-parity.md"),
+              pytest.mark.slow]
 
 CN_DIM = 96  # the Chinese encoder's width (1024 in BDM1.0), unlike the backbone's 64
 SIZE, SEED, LEVELS = 64, 3546724423, 2  # 64×64 pictures; inference.py's seed; tolerance in 255 levels
@@ -94,7 +95,7 @@ def world(tmp_path_factory):
                             intermediate_size=2 * CN_DIM, max_position_embeddings=512),
         cn_vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=32, patch_size=16),
-        cn_seed=12, vocab=str(REPO / "bdm" / "data" / "bert_chinese_vocab.txt"), cases=CASES,
+        cn_seed=12, vocab=str(REPO / "bdm" / "data" / "chinese_tokenizer" / "vocab.txt"), cases=CASES,
         schedule_steps=[10, 50])
     (d / "spec.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     done = subprocess.run([official_python(), str(REPO / "tests" / "official_oracle.py"), str(d / "spec.json")],
@@ -132,9 +133,7 @@ def project_latents(w: dict, c: dict) -> torch.Tensor:
     from bdm.load import load_bridge
     from bdm.pipeline import Pipeline, Request
     if "pipeline" not in w:
-        bridge = load_bridge(w["bdm"], w["cn"])
-        bridge.text_encoder.trim_inner_specials = True
-        w["pipeline"] = Pipeline(load_checkpoint(w["ckpt"]), bridge)
+        w["pipeline"] = Pipeline(load_checkpoint(w["ckpt"]), load_bridge(w["bdm"], w["cn"]))
     args = generate.parse_args(["-o", "x.png", *cli_args(c)])
     request = Request(prompt=c["prompt"], negative_prompt=c["negative"], en_prompt=c["en_prompt"],
                       en_negative_prompt=c["en_negative"], strength=c["strength"], cfg_scale=c["cfg"],
@@ -193,7 +192,6 @@ def test_long_chinese_prompts_use_the_official_token_layout(world):
     assert official["dpm-negative.cn_tokens"].item() == 50 * 2 + 2  # the prompt padded to the negative's chunks
     from bdm.load import load_bridge
     encoder = load_bridge(world["bdm"], world["cn"]).text_encoder
-    encoder.trim_inner_specials = True  # what --preset official sets
     assert encoder.encode([LONG]).shape[1] == 202 and encoder.encode([SHORT, NEGATIVE]).shape[1] == 102
 
 
