@@ -127,7 +127,7 @@ def project_run(d: Path, ckpt: Path, c: dict, bdm: Path | None = None) -> np.nda
     return read_images(out, c["batch"])
 
 
-def project_latents(w: dict, c: dict) -> torch.Tensor:
+def project_latents(w: dict, c: dict, sampler: str | None = None) -> torch.Tensor:
     """The same generation through the library, for the latent-space difference."""
     from bdm.formats.checkpoint import load_checkpoint
     from bdm.load import load_bridge
@@ -137,7 +137,7 @@ def project_latents(w: dict, c: dict) -> torch.Tensor:
     args = generate.parse_args(["-o", "x.png", *cli_args(c)])
     request = Request(prompt=c["prompt"], negative_prompt=c["negative"], en_prompt=c["en_prompt"],
                       en_negative_prompt=c["en_negative"], strength=c["strength"], cfg_scale=c["cfg"],
-                      steps=c["steps"], sampler=args.sampler, seed=c["seed"], batch_size=c["batch"],
+                      steps=c["steps"], sampler=sampler or args.sampler, seed=c["seed"], batch_size=c["batch"],
                       width=c["width"], height=c["height"], batch_noise=True)
     return w["pipeline"].latents(request)
 
@@ -203,16 +203,15 @@ def test_known_differences_are_real(world, name):
     assert diff > LEVELS
 
 
-def test_the_webuis_dpmpp_2m_is_another_picture(world):
-    """Difference 3: without the preset, the WebUI's "DPM++ 2M" on the same seed is not the official one."""
+def test_the_webuis_dpmpp_2m_is_another_sampler(world):
+    """Difference 3: the WebUI's "DPM++ 2M" is not the official script's sampler. (On these tiny models the
+    pictures hardly show it — the random VAE flattens latent differences — so the latents are compared.)"""
     c = CASES[0]
-    out = world["dir"] / "webui-dpmpp-2m.png"
-    argv = ["-o", str(out), "--checkpoint", str(world["ckpt"]), "--bdm", str(world["bdm"]), "--chinese-clip",
-            str(world["cn"]), *cli_args(c)[2:], "--sampler", "DPM++ 2M"]
-    assert run(generate.main, argv) == 0
-    diff = levels(read_images(out, 1), world["official"][f"{c['name']}.images"].numpy())
-    print(f"WebUI DPM++ 2M: {diff} levels")
-    assert diff > LEVELS
+    official = world["official"][f"{c['name']}.latents"]
+    preset = (project_latents(world, c) - official).abs().max().item()
+    webui = (project_latents(world, c, sampler="DPM++ 2M") - official).abs().max().item()
+    print(f"latents from the official: {preset:.1e} with the preset, {webui:.1e} with the WebUI's DPM++ 2M")
+    assert webui > 100 * preset and webui > 1e-2
 
 
 @pytest.mark.parametrize("dtype", ["fp32", None])
