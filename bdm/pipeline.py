@@ -40,6 +40,7 @@ class Request:
     width: int = 512
     height: int = 512
     shared_encoder: bool = True
+    batch_noise: bool = False  # one CPU generator for the whole batch (diffusers, the official BDM script)
 
     def check(self, latent_factor: int = 8) -> None:
         if self.sampler not in SAMPLERS:
@@ -66,6 +67,21 @@ def row_generators(seed: int, rows: int) -> list[torch.Generator]:
     """One CPU generator per image, seeded seed + i, drawing its initial and ancestral noise — the
     WebUI's CPU RNG, so a seed gives the same image on every device and in every batch position."""
     return [torch.Generator().manual_seed(seed + i) for i in range(rows)]
+
+
+def initial_noise(seed: int, rows: int, shape: tuple[int, ...], batch_noise: bool = False):
+    """Unit start noise [rows, *shape] and the generator(s) that continue with the ancestral noise.
+
+    Per image (default): `row_generators`, the WebUI's way. `batch_noise`: one CPU generator seeded
+    `seed` draws the whole batch at once, as diffusers' pipelines — and so the official BDM
+    `inference.py` — do (`randn([B, 4, H/8, W/8], generator=torch.Generator("cpu").manual_seed(seed))`);
+    image i then depends on its batch position.
+    """
+    if batch_noise:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn((rows, *shape), generator=generator), generator
+    generators = row_generators(seed, rows)
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
 
 
 def to_images(decoded: torch.Tensor) -> list[Image.Image]:
@@ -126,9 +142,8 @@ class Pipeline:
             return uncond + request.cfg_scale * (cond - uncond)
 
         f = self.latent_factor
-        generators = row_generators(request.seed, request.batch_size)
-        noise = torch.stack([torch.randn((4, request.height // f, request.width // f), generator=g)
-                             for g in generators])
+        noise, generators = initial_noise(request.seed, request.batch_size,
+                                          (4, request.height // f, request.width // f), request.batch_noise)
         with contextlib.ExitStack() as stack:
             if self.bridge is not None and request.strength != 0:
                 stack.enter_context(attach(self.checkpoint.unet, self.bridge, chinese, request.strength))
