@@ -8,28 +8,18 @@ import torch
 import bdm
 from bdm import generate, pipeline
 from bdm.cli import run
-from bdm.formats.bdm_file import save_bdm
-from bdm.formats.checkpoint import load_checkpoint, save_checkpoint
+from bdm.formats.checkpoint import load_checkpoint
 from bdm.pipeline import Pipeline, Request
-from bdm.text.chinese import ChineseTextEncoder
 from bdm.text.prompt_schedule import PromptSyntaxError
 
-from .util import randomize_, tiny_sd_parts
+from .test_generate import world  # noqa: F401 - the tiny checkpoint and BDM file of the generator tests
 
 RED, BLUE = "红色的圆形", "蓝色的方形"
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("schedule")
-    unet, vae, text = tiny_sd_parts()
-    ckpt = save_checkpoint(d / "tiny-sd1.safetensors", unet, vae, text, "tiny-clip")
-    encoder = ChineseTextEncoder.tiny(seed=0)
-    branch = randomize_(bdm.from_backbone(unet, encoder.hidden_size), seed=5)
-    for conv in list(branch.zero_convs) + [branch.middle_block_out]:
-        conv[0].weight.data *= 3
-    bridge = bdm.load_bridge(save_bdm(d / "tiny-bdm.safetensors", branch, encoder))
-    return Pipeline(load_checkpoint(ckpt), bridge)
+def pipe(world):
+    return Pipeline(load_checkpoint(world["ckpt"]), bdm.load_bridge(world["bdm"]))
 
 
 def _request(prompt: str, **kw) -> Request:

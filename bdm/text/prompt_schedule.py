@@ -10,10 +10,10 @@ arguments and results, so code that takes "a parser" accepts either:
 * `get_multicond_prompt_list(prompts)` → ``(indexes, flat_texts, text_index)`` of the ``AND`` split.
 
 `schedule_prompts` gives the schedules of the Chinese prompts of one sampling pass with either parser,
-refusing ``AND`` (see `AND_REFUSED`). `text_index_at(schedule, step)` is the WebUI's rule for which entry a sampling step uses
-(`reconstruct_cond_batch`). tests/fixtures/prompt_schedules.json holds schedules recorded from the real
-parser; tests/test_text_prompt_schedule.py compares this module with it (and with the live parser when
-`A1111_DIR` is set).
+refusing ``AND`` (`AND_REFUSED`). `text_index_at(schedule, step)` is the WebUI's rule for which entry a
+sampling step uses (`reconstruct_cond_batch`). tests/fixtures/prompt_schedules.json holds schedules
+recorded from the real parser; tests/test_text_prompt_schedule.py compares this module with it (and with
+the live parser when `A1111_DIR` is set).
 
 The rules (re-implemented from the WebUI's grammar, not copied). Inside brackets the syntax is strict:
 brackets must pair up, a ``:`` may appear once in ``(x:y)`` and once or twice in ``[x:y:N]``/``[y:N]``
@@ -22,6 +22,10 @@ alternation ``[x|y|…]``. A group that breaks these rules is plain text — at 
 outside any alternation, or a backslash that escapes nothing, makes the whole prompt plain text (no
 schedule at all). A number with a ``.`` is a fraction of the steps, without one a step count; in the
 second (hires) pass fractions count from 1.0 and step counts from the first pass's steps.
+
+Where the WebUI's grammar is ambiguous — a valid group beside stray top-level brackets or colons, e.g.
+``[a:b:1]]`` or ``:[a:b:1]:`` — the WebUI's own result differs between processes (lark's choice depends
+on Python's string hash seed); this module always takes the group.
 """
 from __future__ import annotations
 
@@ -30,11 +34,13 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-__all__ = ["AND_REFUSED", "WEIGHT_REFUSED", "PassSchedules", "PromptSyntaxError", "get_learned_conditioning_prompt_schedules",
-           "get_multicond_prompt_list", "schedule_prompts", "text_index_at"]
+__all__ = ["AND_REFUSED", "WEIGHT_REFUSED", "PassSchedules", "PromptSyntaxError",
+           "get_learned_conditioning_prompt_schedules", "get_multicond_prompt_list", "schedule_prompts",
+           "text_index_at"]
 
 # lark's common.SIGNED_NUMBER: an optional sign, then an integer, a decimal or either with an exponent
-_NUMBER = re.compile(r"\s*([+-]?(?:[0-9]+[eE][+-]?[0-9]+|(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+))\s*")
+_NUMBER = re.compile(r"\s*([+-]?(?:[0-9]+[eE][+-]?[0-9]+|(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+))"
+                     r"\s*")
 _AND = re.compile(r"\bAND\b")
 # "text" or "text : weight" (the weight of one AND-subprompt), surrounding whitespace dropped
 _SUBPROMPT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.DOTALL)
