@@ -72,6 +72,7 @@ def generate_pixels(world, tmp_path, *extra, name="out.png", expect=0):
     return np.asarray(Image.open(out)), out
 
 
+@pytest.mark.slow
 def test_deterministic_and_strength_zero_is_the_backbone(world, tmp_path):
     a, out = generate_pixels(world, tmp_path, "--prompt", "红色的圆形")
     b, _ = generate_pixels(world, tmp_path, "--prompt", "红色的圆形", name="again.png")
@@ -95,6 +96,7 @@ def test_png_parameters_round_trip(world, tmp_path):
     assert len(params["BDM model hash"]) == 10
 
 
+@pytest.mark.slow
 def test_each_plugin_changes_the_output_and_removing_it_restores(world, tmp_path):
     base, _ = generate_pixels(world, tmp_path, "--prompt", "红色的圆形", "--en-prompt", "bigthing")
     runs = {
@@ -136,6 +138,7 @@ def test_lora_equals_merge_and_removal_is_bit_exact(world):
     assert all(torch.equal(ck.text_encoder.state_dict()[k], v) for k, v in te_before.items())
 
 
+@pytest.mark.slow
 def test_shared_encoder_equals_plain_path(world):
     from bdm.pipeline import Pipeline, Request
     ck = load_checkpoint(world["ckpt"])
@@ -147,6 +150,18 @@ def test_shared_encoder_equals_plain_path(world):
         plain = pipe.latents(Request(**req, shared_encoder=False))
         assert (shared - plain).abs().max() <= 1e-3 * plain.abs().max()
         assert not torch.equal(shared[0], shared[1])  # rows have their own seeds
+
+
+def test_long_negative_gets_the_official_layout(world):
+    """A long Chinese negative: prompt and negative over the same chunks, 50*k + 2 tokens (the official
+    inference's layout; `tests/test_text_chinese.py` checks it against an independent construction)."""
+    from bdm.pipeline import Pipeline, Request
+    pipe = Pipeline(load_checkpoint(world["ckpt"]), bdm.load_bridge(world["bdm"]))
+    negative = "最差质量,低质量,低分辨率,伪影,丑陋,脸崩坏,变形,模糊,重复,病态,残缺,多余的手指," * 2  # 2 chunks
+    _, chinese = pipe.encode_prompts(Request(prompt="红色的圆形", negative_prompt=negative, batch_size=2))
+    assert chinese.shape[:2] == (4, 102)
+    expected = pipe.bridge.text_encoder.encode(["红色的圆形", negative])
+    torch.testing.assert_close(chinese, expected[[0, 0, 1, 1]].to(chinese))
 
 
 @pytest.mark.parametrize("case", ["missing", "sd2", "inpaint", "lora-sdxl", "lora-shape", "emb-width",

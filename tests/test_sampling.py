@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from bdm.sampling import (
@@ -25,7 +24,9 @@ from bdm.sampling import (
     sd1_alphas_cumprod,
 )
 
-diffusers = pytest.importorskip("diffusers")
+from .util import oracle
+
+diffusers = oracle("diffusers")
 SD1_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 TOL = 1e-4
 SHAPE = (2, 4, 8, 8)
