@@ -40,8 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on a CPU (its DPM-Solver, 50 steps, CFG 7.5 unless given, the batch's noise from one "
                         "generator seeded --seed); see docs/official-parity.md")
     g = p.add_argument_group("prompts (Chinese → the BDM branch, English → the backbone)")
-    g.add_argument("--prompt", default="", help="Chinese prompt; A1111 syntax (词:1.3), [词], BREAK")
-    g.add_argument("--negative", default="", help="Chinese negative prompt")
+    g.add_argument("--prompt", default="", help="Chinese prompt in the WebUI's syntax: (词:1.3), [词], BREAK, prompt editing "
+                   "[猫:狗:0.5] / [猫:狗:10] / [猫::5], alternation [红色|蓝色] (not AND)")
+    g.add_argument("--negative", default="", help="Chinese negative prompt (same syntax)")
     g.add_argument("--en-prompt", default="", help="English prompt: LoRA trigger words, embedding names, style")
     g.add_argument("--en-negative", default="", help="English negative prompt")
     g = p.add_argument_group("sampling")

@@ -51,6 +51,8 @@ class Request:
         if self.width % latent_factor or self.height % latent_factor:
             raise ValueError(f"width and height must be multiples of {latent_factor}, "
                              f"got {self.width}x{self.height}")
+        from .text.prompt_schedule import schedule_prompts
+        schedule_prompts([self.prompt], [self.negative_prompt], self.steps)  # refuses AND before any loading
 
 
 @dataclass
@@ -61,6 +63,18 @@ class Control:
     image: torch.Tensor
     strength: float = 1.0
     name: str = ""
+
+
+def chinese_contexts(encoder, request: Request):
+    """`step -> [2B, L, H]`: the Chinese contexts (cond rows, then uncond rows) at a sampling step, every
+    text of the prompts' schedules encoded once beforehand."""
+    from .text.prompt_schedule import schedule_prompts
+    from .webui.context import ContextBank
+    schedules = schedule_prompts([request.prompt], [request.negative_prompt], request.steps)
+    bank = ContextBank(encoder, schedules.all())
+    slots = [bank.slot(schedules.positive[0])] * request.batch_size + \
+        [bank.slot(schedules.negative[0])] * request.batch_size
+    return lambda step: bank.rows(slots, step)
 
 
 def row_generators(seed: int, rows: int) -> list[torch.Generator]:
@@ -120,12 +134,14 @@ class Pipeline:
         return self.checkpoint.vae.config.downscale
 
     def encode_prompts(self, request: Request):
-        """English contexts for the backbone and Chinese contexts for the branch, cond rows then uncond."""
+        """English contexts for the backbone, and the Chinese contexts for the branch: a function of the
+        sampling step giving cond rows then uncond rows (prompt editing `[猫:狗:0.5]`, `[红|蓝]` as in the
+        WebUI), or None without a branch."""
         b = request.batch_size
         english = self.checkpoint.text_encoder.encode([request.en_prompt] * b + [request.en_negative_prompt] * b)
         chinese = None
         if self.bridge is not None:
-            chinese = self.bridge.text_encoder.encode([request.prompt] * b + [request.negative_prompt] * b)
+            chinese = chinese_contexts(self.bridge.text_encoder, request)
         return english.to(self.device, self.dtype), chinese
 
     @torch.no_grad()
@@ -134,10 +150,12 @@ class Pipeline:
         english, chinese = self.encode_prompts(request)
         shared = request.shared_encoder and request.en_prompt == request.en_negative_prompt
         copies = 2 if shared else 1
+        step = [0]  # model evaluations so far: the WebUI's CFGDenoiser.step, which picks scheduled prompts
 
         def cfg_model(x, sigma):
             out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=english,
                                 encoder_copies=copies)
+            step[0] += 1
             cond, uncond = out.chunk(2)
             return uncond + request.cfg_scale * (cond - uncond)
 
@@ -146,7 +164,8 @@ class Pipeline:
                                           (4, request.height // f, request.width // f), request.batch_noise)
         with contextlib.ExitStack() as stack:
             if self.bridge is not None and request.strength != 0:
-                stack.enter_context(attach(self.checkpoint.unet, self.bridge, chinese, request.strength))
+                stack.enter_context(attach(self.checkpoint.unet, self.bridge, lambda x, t, en: chinese(step[0]),
+                                           request.strength))
             for control in self.controls:
                 hint = control.image.to(self.device, self.dtype)
                 stack.enter_context(attach(self.checkpoint.unet, control.model, lambda x, t, en: en,

@@ -28,6 +28,7 @@ from bdm.webui.hooking import BdmRun  # noqa: E402
 from bdm.webui.layout import cond_counts  # noqa: E402
 from bdm.webui.manager import BdmModelError, ModelManager, bridge_refusal, unet_refusal  # noqa: E402
 from bdm.webui.models import discover_models, find_model  # noqa: E402
+from bdm.text.prompt_schedule import PromptSyntaxError, schedule_prompts  # noqa: E402
 
 try:  # v1.7+
     from modules.ui_components import InputAccordion
@@ -106,6 +107,28 @@ def settings_value_title(value):
     except LookupError:
         return NONE
     return entry.title if entry else NONE
+
+
+def chinese_schedules(p, positive, negative):
+    """The Chinese prompts' schedules (prompt editing, alternation) for the first pass and, with hires
+    fix, the second: the WebUI's own parser with the step counts it uses for the English prompt
+    (`StableDiffusionProcessing.setup_conds`, `StableDiffusionProcessingTxt2Img.calculate_hr_conds`)."""
+    from modules import prompt_parser, sd_samplers
+
+    def total_steps(sampler_name, steps):
+        config = sd_samplers.find_sampler_config(sampler_name)
+        return config.total_steps(steps) if config else steps
+
+    old = bool(opt("use_old_scheduling", False))
+    steps = total_steps(p.sampler_name, p.steps)
+    first = schedule_prompts(positive, negative, steps, None, old, parser=prompt_parser)
+    hires = None
+    if getattr(p, "enable_hr", False):
+        hires_steps = total_steps(p.hr_sampler_name or p.sampler_name, p.hr_second_pass_steps or p.steps)
+        hires = schedule_prompts(positive, negative, steps, hires_steps, old, parser=prompt_parser)
+    if old and first != schedule_prompts(positive, negative, steps, None, False, parser=prompt_parser):
+        p.extra_generation_params["Old prompt editing timelines"] = True  # as the WebUI marks English ones
+    return first, hires
 
 
 # -- token counter -----------------------------------------------------------------------------------
@@ -250,6 +273,8 @@ class BdmScript(scripts.Script):
             run = self._start(p, a)
         except BdmModelError as e:
             return self._fail(p, str(e))
+        except PromptSyntaxError as e:
+            return self._fail(p, f"BDM: {e}")
         except Exception as e:  # noqa: BLE001 - never break the WebUI
             traceback.print_exc()
             return self._fail(p, f"BDM: {type(e).__name__}: {e}")
@@ -287,9 +312,11 @@ class BdmScript(scripts.Script):
         _cache.resize(int(opt("bdm_cache_size", 64)))
         n = max(1, len(getattr(p, "all_prompts", None) or [""]))
         positive, negative = a.prompts(n)
-        bank = ContextBank(encoder, positive + negative, _cache, model_key=f"{entry.path}|{entry.hash}",
-                           device=devices.device, dtype=devices.dtype_unet)
-        run = BdmRun(bridge, bank, positive, negative, a.strength, log=log)
+        first, hires = chinese_schedules(p, positive, negative)
+        bank = ContextBank(encoder, first.all() + (hires.all() if hires else []), _cache,
+                           model_key=f"{entry.path}|{entry.hash}", device=devices.device, dtype=devices.dtype_unet)
+        run = BdmRun(bridge, bank, first.positive, first.negative, a.strength, log=log,
+                     hires=(hires.positive, hires.negative) if hires else None)
         run.entry = entry
         p.extra_generation_params.update(bdm_infotext.infotext_params(
             entry.name, entry.hash, positive, negative, a.strength))
@@ -367,7 +394,8 @@ def on_cfg_denoiser(params):
     rows = int(params.x.shape[0])
     uncond_blocks = 2 if rows == n_cond + 2 * len(counts) else 1
     run.image_offset = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
-    run.begin_call(params.x, counts, d.inner_model, uncond_blocks)
+    run.begin_call(params.x, counts, d.inner_model, uncond_blocks, step=getattr(d, "step", params.sampling_step),
+                   hires=bool(getattr(p, "is_hr_pass", False)))
 
 
 def on_ui_settings():

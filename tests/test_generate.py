@@ -158,7 +158,8 @@ def test_long_negative_gets_the_official_layout(world):
     from bdm.pipeline import Pipeline, Request
     pipe = Pipeline(load_checkpoint(world["ckpt"]), bdm.load_bridge(world["bdm"]))
     negative = "最差质量,低质量,低分辨率,伪影,丑陋,脸崩坏,变形,模糊,重复,病态,残缺,多余的手指," * 2  # 2 chunks
-    _, chinese = pipe.encode_prompts(Request(prompt="红色的圆形", negative_prompt=negative, batch_size=2))
+    _, contexts = pipe.encode_prompts(Request(prompt="红色的圆形", negative_prompt=negative, batch_size=2))
+    chinese = contexts(0)  # the contexts at step 0 (a function of the step: prompt editing)
     assert chinese.shape[:2] == (4, 102)
     expected = pipe.bridge.text_encoder.encode(["红色的圆形", negative])
     torch.testing.assert_close(chinese, expected[[0, 0, 1, 1]].to(chinese))

@@ -7,14 +7,15 @@ The script calls, per generation: `BdmRun(...)`; per sampling pass `ensure_attac
   `CompVisTimestepsDenoiser`) finds the rows `[a, b)` of `x_in` its call covers (`CallRows.locate`:
   data-pointer offset of the view, or the next rows in order) and a forward hook clears them;
 - `bdm.attach` on the UNet asks, per UNet call, for the strength and the Chinese context of those rows:
-  positive prompt for cond rows (every AND-subprompt of an image), negative prompt for uncond rows.
+  positive prompt for cond rows (every AND-subprompt of an image), negative prompt for uncond rows, each
+  at the denoiser's step of the current pass (prompt editing; the hires pass has its own schedules).
 A UNet call that happens outside a known inner call (another extension calling the UNet directly)
 gets nothing from the branch (strength 0), with one warning.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 from torch import nn
 
@@ -22,6 +23,7 @@ from ..inject import Attachment, attach
 from .context import ContextBank
 from .layout import CallRows, RowRole, row_roles
 
+Prompt = Union[str, Sequence[Sequence]]  # a Chinese prompt, or its schedule [[end_at_step, text], ...]
 _ALWAYS_CALL = "always_call" in inspect.signature(nn.Module.register_forward_hook).parameters
 
 
@@ -32,14 +34,21 @@ class BdmRunError(RuntimeError):
 class BdmRun:
     """The branch of one generation: attachment, inner-model hooks and the row → context lookup."""
 
-    def __init__(self, bridge, bank: ContextBank | None, positive: Sequence[str], negative: Sequence[str],
-                 strength: float = 1.0, log: Callable[[str], None] = print, error: str | None = None):
+    def __init__(self, bridge, bank: ContextBank | None, positive: Sequence[Prompt], negative: Sequence[Prompt],
+                 strength: float = 1.0, log: Callable[[str], None] = print, error: str | None = None,
+                 hires: tuple[Sequence[Prompt], Sequence[Prompt]] | None = None):
+        """`positive`/`negative`: per image, the prompt or its schedule in the first pass; `hires`: the
+        same pair for the hires pass (its schedules count its own steps)."""
         self.bridge, self.bank, self.strength, self.log = bridge, bank, float(strength), log
         self.error = error  # set: stop the generation with this message at the first denoiser call
+        self.tables: dict[bool, tuple[list[int], list[int]]] = {}  # hires pass? -> (positive, negative) slots
         if bank is not None:
-            self.positive = [bank.index[p] for p in positive] or [0]
-            self.negative = [bank.index[p] for p in negative] or [0]
+            for is_hires, pair in ((False, (positive, negative)), (True, hires)):
+                if pair is not None:
+                    self.tables[is_hires] = tuple([bank.slot(p) for p in prompts] or [0] for prompts in pair)
         self.image_offset = 0  # global index of image 0 of the current batch (p.iteration * batch_size)
+        self.step = 0  # the denoiser's step in the current pass (the WebUI's CFGDenoiser.step)
+        self.hires = False  # the current pass is the hires pass
         self.attachment: Attachment | None = None
         self._inner: dict[int, tuple[nn.Module, list]] = {}
         self._call: CallRows | None = None
@@ -83,8 +92,10 @@ class BdmRun:
 
     # -- per denoiser call -----------------------------------------------------------------------
     def begin_call(self, x_in, counts: Sequence[int], inner_model: nn.Module | None = None,
-                   uncond_blocks: int = 1) -> None:
-        """A `CFGDenoiser.forward` call is about to run its inner model on row slices of `x_in`."""
+                   uncond_blocks: int = 1, step: int = 0, hires: bool = False) -> None:
+        """A `CFGDenoiser.forward` call is about to run its inner model on row slices of `x_in`, at the
+        denoiser's step `step` (the step the WebUI picks the English conds at) of the first or hires pass."""
+        self.step, self.hires = int(step), bool(hires)
         roles = row_roles(counts, uncond_blocks)
         if len(roles) != x_in.shape[0]:
             self._warn("layout", f"BDM: unexpected CFG batch of {x_in.shape[0]} rows for cond rows "
@@ -140,13 +151,18 @@ class BdmRun:
             self.rows_seen.append(roles)
         if self.on_unet_call is not None:
             self.on_unet_call(self.unet_calls)
-        return self.bank.rows([self.prompt_index(r) for r in roles])
+        return self.bank.rows([self.prompt_index(r) for r in roles], self.step)
 
     def prompt_index(self, role: RowRole) -> int:
-        """Index into the bank of the Chinese prompt of a row: positive for cond rows (all AND
-        subprompts of the image), negative for uncond rows; per-image lists wrap around."""
+        """Slot in the bank of the Chinese prompt of a row in the current pass: positive for cond rows
+        (all AND subprompts of the image), negative for uncond rows; per-image lists wrap around."""
+        tables = self.tables.get(self.hires)
+        if tables is None:
+            self._warn("hires", "BDM: no Chinese prompt schedule was prepared for the hires pass; it uses "
+                       "the first pass's")
+            tables = self.tables[False]
         g = self.image_offset + role.image
-        table = self.positive if role.is_cond else self.negative
+        table = tables[0] if role.is_cond else tables[1]
         return table[g % len(table)]
 
     def _warn(self, key: str, message: str) -> None:
