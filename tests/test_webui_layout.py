@@ -13,7 +13,7 @@ import bdm
 from bdm.unet import UNetConfig, UNetModel
 from bdm.webui.context import ContextBank, EncodingCache
 from bdm.webui.hooking import BdmRun, BdmRunError
-from bdm.webui.layout import CallRows, RowRole, cond_counts, row_offset, row_roles
+from bdm.webui.layout import CallRows, RowRole, chunked_row_roles, cond_counts, row_offset, row_roles
 from tests.util import build_random
 
 # One level, every block type: enough for hooks and residuals, fast on a CPU.
@@ -83,6 +83,19 @@ def test_edit_model_layout():
                      RowRole("uncond", 0), RowRole("uncond", 1), RowRole("uncond", 0), RowRole("uncond", 1)]
     with pytest.raises(ValueError):
         cond_counts(None, 3, 2)
+
+
+def test_forge_chunk_roles():
+    """Forge's UNet calls: whole batch copies per chunk, `cond_or_uncond` in call order (uncond first at
+    CFG > 1, cond only at CFG 1, one cond chunk per AND-subprompt)."""
+    U, C = RowRole("uncond", 0), RowRole("cond", 0)
+    assert chunked_row_roles([1, 0], 4) == [U, RowRole("uncond", 1), C, RowRole("cond", 1)]
+    assert chunked_row_roles([0], 3) == [C, RowRole("cond", 1), RowRole("cond", 2)]
+    assert chunked_row_roles([1, 0, 0], 3) == [U, C, RowRole("cond", 0, 1)]
+    assert chunked_row_roles([1], 2) == [U, RowRole("uncond", 1)]  # cond and uncond in separate calls
+    for chunks, rows in (([1, 0], 3), ([], 2)):
+        with pytest.raises(ValueError, match="cannot be split"):
+            chunked_row_roles(chunks, rows)
 
 
 # -- one generation, hooked into a real LDM-layout UNet -------------------------------------------
@@ -241,3 +254,16 @@ def test_reattach_follows_unet_swap(parts):
     assert not unet._forward_pre_hooks and other._forward_pre_hooks
     run.close()
     assert not other._forward_pre_hooks
+
+
+def test_contexts_for_forge_rows(parts):
+    """`BdmRun.contexts` (what Forge's control asks per UNet call): negative prompt for uncond rows,
+    positive for cond rows, image `image_offset + i` of the job."""
+    _, bridge, encoder = parts
+    positive, negative = _prompts(4)
+    bank = ContextBank(encoder, positive + negative, CACHE)
+    run = BdmRun(bridge, bank, positive, negative)
+    run.image_offset = 2  # second batch of two images
+    got = run.contexts(chunked_row_roles([1, 0], 4))
+    want = bank.rows([bank.index[p] for p in (negative[2], negative[3], positive[2], positive[3])])
+    assert torch.equal(got, want) and run.unet_calls == 1

@@ -120,6 +120,7 @@ def test_refusals(unet, bdm_path):
     assert "SDXL" in unet_refusal(unet, is_sdxl=True)
     assert "SD2" in unet_refusal(unet, is_sd2=True)
     assert "TensorRT" in unet_refusal(unet, custom_unet=True)
+    assert unet_refusal(None, family="Flux") == "the loaded checkpoint is Flux; BDM needs an SD1.x checkpoint"
     inpaint = build_random(lambda: UNetModel(UNetConfig(**{**TINY.to_dict(), "in_channels": 9})), seed=0)
     assert "inpainting" in unet_refusal(inpaint)
     bridge = ModelManager().load(ModelEntry("tiny-bdm", bdm_path, "bdm"))

@@ -145,10 +145,14 @@ class BdmRun:
 
     def _context(self, x, t, en_context):
         a, b = self._current(x)
-        roles = self._call.roles_for(a, b)
+        return self.contexts(self._call.roles_for(a, b))
+
+    def contexts(self, roles: Sequence[RowRole]):
+        """The Chinese contexts of one UNet call's rows (counted as a call the branch ran in); every
+        host's injection asks here."""
         self.unet_calls += 1
         if self.record_rows:
-            self.rows_seen.append(roles)
+            self.rows_seen.append(list(roles))
         if self.on_unet_call is not None:
             self.on_unet_call(self.unet_calls)
         return self.bank.rows([self.prompt_index(r) for r in roles], self.step)

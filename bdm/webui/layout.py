@@ -8,6 +8,8 @@ of B rows (`batch_cond_uncond` off); cond chunks then the uncond rows (English t
 the cond rows only (skip-uncond: NGMS / `skip_early_cond`). Every slice is a view of `x_in`, so the
 row offset of a call is readable from the data pointers; and the calls always walk the rows in order
 from row 0, so a cursor gives the same answer where the pointer trick cannot be used.
+
+Forge says the roles of a UNet call's rows itself (`chunked_row_roles`).
 """
 from __future__ import annotations
 
@@ -67,6 +69,27 @@ def row_offset(x, base) -> int | None:
     if offset < 0 or offset + x.shape[0] > base.shape[0]:
         return None
     return int(offset)
+
+
+def chunked_row_roles(cond_or_uncond: Sequence[int], rows: int) -> list[RowRole]:
+    """Roles of the rows of one Forge UNet call. Forge's sampler (`calc_cond_uncond_batch`) stacks
+    whole copies of the batch, one per chunk, and says what each chunk is in
+    `transformer_options["cond_or_uncond"]` (0 = cond, 1 = uncond; uncond first at CFG > 1, no uncond
+    chunk at CFG 1); row i of every chunk is image i. A cond chunk is one AND-subprompt of every image;
+    `subprompt` numbers the call's cond chunks in call order (Forge runs them last subprompt first; the
+    Chinese context is the image's either way)."""
+    chunks = len(cond_or_uncond)
+    if not chunks or rows % chunks:
+        raise ValueError(f"BDM: a UNet call of {rows} rows cannot be split into the {chunks} chunks "
+                         f"{list(cond_or_uncond)}")
+    per_chunk, roles, sub = rows // chunks, [], 0
+    for kind in cond_or_uncond:
+        if int(kind) == 0:
+            roles += [RowRole("cond", image, sub) for image in range(per_chunk)]
+            sub += 1
+        else:
+            roles += [RowRole("uncond", image) for image in range(per_chunk)]
+    return roles
 
 
 class CallRows:

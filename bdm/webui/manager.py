@@ -16,8 +16,12 @@ class BdmModelError(RuntimeError):
     """A BDM model cannot be used; the message is meant for the user."""
 
 
-def unet_refusal(unet, *, is_sdxl=False, is_sd2=False, is_sd3=False, custom_unet=False) -> str | None:
-    """Why BDM cannot run on this WebUI model (None: it can). `unet` is the ldm `diffusion_model`."""
+def unet_refusal(unet, *, is_sdxl=False, is_sd2=False, is_sd3=False, custom_unet=False,
+                 family: str | None = None) -> str | None:
+    """Why BDM cannot run on this WebUI model (None: it can). `unet` is the ldm-layout `diffusion_model`;
+    `family`: the name of a model family that is not SD1.x (a host's own families, e.g. Forge's Flux)."""
+    if family:
+        return f"the loaded checkpoint is {family}; BDM needs an SD1.x checkpoint"
     if custom_unet:
         return "a replacement UNet (TensorRT-style, modules.sd_unet) is active; its blocks cannot be hooked"
     if is_sdxl:
