@@ -1,11 +1,14 @@
-"""BDM for the AUTOMATIC1111 WebUI: a Chinese prompt beside the English one.
+"""BDM for the AUTOMATIC1111 WebUI and for Forge: a Chinese prompt beside the English one.
 
 Thin wiring only: everything that needs no WebUI lives in `bdm/webui/` (row mapping, context bank,
 infotext, model discovery, API args, hooking). This file builds the UI, reads settings, and connects
-the WebUI's callbacks to a `bdm.webui.BdmRun` per generation.
+the WebUI's callbacks to a `bdm.webui.BdmRun` per generation. The host is detected at import: in
+AUTOMATIC1111 the branch is hooked into the ldm UNet (`bdm.attach`, rows from `on_cfg_denoiser`); in
+Forge it joins Forge's ControlNet chain before every sampling pass (`bdm_forge/`).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import traceback
@@ -18,6 +21,10 @@ if _ROOT not in sys.path:
 import gradio as gr  # noqa: E402
 
 from modules import devices, paths, script_callbacks, scripts, shared  # noqa: E402
+
+FORGE = importlib.util.find_spec("modules_forge") is not None  # Stable Diffusion WebUI Forge
+if FORGE:
+    import bdm_forge  # noqa: E402
 
 from bdm.webui import debug as bdm_debug  # noqa: E402
 from bdm.webui import infotext as bdm_infotext  # noqa: E402
@@ -300,10 +307,11 @@ class BdmScript(scripts.Script):
                                 "in Settings → BDM)")
         _manager.resize(int(opt("bdm_models_in_memory", 1)))
         bridge = _manager.load(entry)
-        refusal = bridge_refusal(bridge, sd_model.model.diffusion_model)
+        refusal = bridge_refusal(bridge, host_unet(sd_model))
         if refusal:
             raise BdmModelError(f"BDM: model '{entry.name}' does not fit the loaded checkpoint: {refusal}")
-        bridge.to(devices.device, devices.dtype_unet)
+        if not FORGE:  # Forge moves and casts the branch itself (bdm_forge.add_branch)
+            bridge.to(devices.device, devices.dtype_unet)
         encoder = bridge.text_encoder
         if not opt("bdm_encoder_on_cpu", True):
             encoder.to(devices.device)
@@ -326,6 +334,8 @@ class BdmScript(scripts.Script):
 
     @staticmethod
     def _refusal(sd_model):
+        if FORGE:
+            return bdm_forge.refusal(sd_model)
         try:
             from modules import sd_unet
             custom = getattr(sd_unet, "current_unet", None) is not None
@@ -345,10 +355,30 @@ class BdmScript(scripts.Script):
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         entry = _runs.get(id(p))
+        if FORGE and entry is not None:
+            self._forge_pass(p, entry[1])
+            return
         if entry is None or entry[1].bridge is None:
             return
         if self._refusal(shared.sd_model) is None:
             attach_run(entry[1], shared.sd_model.model.diffusion_model)
+
+    def _forge_pass(self, p, run):
+        """Forge: the branch into this sampling pass (its own errors are caught here, where Forge would
+        only log them, so that the user sees them like every other BDM error)."""
+        run.image_offset = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
+        try:
+            reason = bdm_forge.add_branch(p, run, _manager.bridges())
+        except Exception as e:  # noqa: BLE001 - never break the WebUI
+            traceback.print_exc()
+            reason = f"{type(e).__name__}: {e}"
+        if reason is None:
+            return
+        message = f"BDM: not applied to this pass: {reason}"
+        if run.error is None and message not in p.extra_generation_params.get("BDM error", ""):
+            self._fail(p, message)
+            if opt("bdm_on_error", ON_ERROR[0]) == ON_ERROR[1]:  # stop: a link that raises in sampling
+                bdm_forge.add_branch(p, _runs[id(p)][1])
 
     def postprocess(self, p, processed, *args):
         entry = _runs.pop(id(p), None)
@@ -361,7 +391,10 @@ class BdmScript(scripts.Script):
                 log("BDM: warning: the branch never ran in this generation")
             if opt("bdm_offload", False) or getattr(shared.cmd_opts, "lowvram", False) or \
                     getattr(shared.cmd_opts, "medvram", False):
-                run.bridge.to("cpu")
+                if FORGE:
+                    bdm_forge.release(run.bridge)  # through Forge's memory manager
+                else:
+                    run.bridge.to("cpu")
                 run.bridge.text_encoder.to("cpu")
 
 
@@ -396,6 +429,13 @@ def on_cfg_denoiser(params):
     run.image_offset = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
     run.begin_call(params.x, counts, d.inner_model, uncond_blocks, step=getattr(d, "step", params.sampling_step),
                    hires=bool(getattr(p, "is_hr_pass", False)))
+
+
+def host_unet(sd_model):
+    """The loaded checkpoint's LDM-layout UNet."""
+    if FORGE:
+        return bdm_forge.diffusion_model(sd_model)
+    return sd_model.model.diffusion_model
 
 
 def on_ui_settings():
@@ -506,7 +546,11 @@ def _register(register, fn):
         register(fn)
 
 
-_register(script_callbacks.on_cfg_denoiser, on_cfg_denoiser)
+if FORGE:  # Forge says each UNet call's rows itself (bdm_forge.branch)
+    bdm_forge.register_toy_family(lambda: [getattr(shared.cmd_opts, "ckpt_dir", None),
+                                          os.path.join(paths.models_path, "Stable-diffusion")])
+else:
+    _register(script_callbacks.on_cfg_denoiser, on_cfg_denoiser)
 _register(script_callbacks.on_ui_settings, on_ui_settings)
 _register(script_callbacks.on_infotext_pasted, on_infotext_pasted)
 _register(script_callbacks.on_app_started, on_app_started)

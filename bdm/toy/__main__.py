@@ -1,4 +1,4 @@
-"""`python -m bdm.toy build | retrain STAGE… | eval | export-webui A1111_DIR`."""
+"""`python -m bdm.toy build | retrain STAGE… | eval | export-webui WEBUI_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     e.add_argument("--sampler", default=None)
     e.add_argument("--rows", nargs="+", help="only these rows (by key)")
     e.add_argument("--threads", type=int, help="torch CPU threads")
-    x = sub.add_parser("export-webui", help="put the toy models where an AUTOMATIC1111 WebUI finds them")
-    x.add_argument("a1111_dir")
+    x = sub.add_parser("export-webui", help="put the toy models where an AUTOMATIC1111 WebUI or Forge finds them")
+    x.add_argument("webui_dir", help="the WebUI's (or Forge's) root folder")
     x.add_argument("--weights", help="folder of toy weights (default: the package's)")
     args = p.parse_args(argv)
     if getattr(args, "threads", None):
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         print_table(result)
     else:
         from .export import export_webui
-        export_webui(args.a1111_dir, args.weights)
+        export_webui(args.webui_dir, args.weights)
     return 0
 
 

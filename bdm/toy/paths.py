@@ -18,6 +18,11 @@ def bdm_file() -> Path:
 CLIP_DIR_NAME = "bdm-toy-sd1-clip"
 
 
+# Forge builds a checkpoint's text encoder, tokenizer, VAE and scheduler from its model family's config
+# folder (diffusers layout); `export-webui` writes the toy family's beside the checkpoints.
+FORGE_CONFIG_DIR_NAME = "bdm-toy-sd1-forge"
+
+
 def clip_dir() -> Path:
     return WEIGHTS / CLIP_DIR_NAME
 

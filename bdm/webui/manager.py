@@ -72,6 +72,10 @@ class ModelManager:
     def clear(self) -> None:
         self._loaded.clear()
 
+    def bridges(self) -> list:
+        """The branches kept in memory, least recently used first."""
+        return list(self._loaded.values())
+
     def resize(self, size: int) -> None:
         self.size = max(1, int(size))
         while len(self._loaded) > self.size:
