@@ -1,0 +1,139 @@
+"""Integration tests against a real Stable Diffusion WebUI Forge, run when `FORGE_DIR` points at one
+(`../shared/tools/forge/setup.sh` builds a CPU-only, offline one; its venv is `FORGE_DIR/../venv`).
+
+The session links this project into `FORGE_DIR/extensions/bdm`, exports the toy world into it
+(`python -m bdm.toy export-webui FORGE_DIR`), writes the test-only support extension and checkpoint
+(tests/forge/support.py), runs the extension's `install.py` through Forge's own installer function,
+starts Forge (127.0.0.1, a free port, `--api`, gradio UI on, the toy checkpoint) and stops it at the
+end. Without `FORGE_DIR` every test here is skipped.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from tests.webui.conftest import WebUI, _free_port, pixels  # noqa: F401  (pixels: for the test modules)
+
+REPO = Path(__file__).resolve().parents[2]
+FORGE = os.environ.get("FORGE_DIR")
+HAVE_FORGE = bool(FORGE) and Path(FORGE, "modules_forge").is_dir()
+SKIP_REASON = "FORGE_DIR is not set to a Stable Diffusion WebUI Forge folder (integration tests need one)"
+LOG = Path(os.environ.get("BDM_FORGE_LOG", "/tmp/bdm-forge-test.log"))
+CHECKPOINT = "bdm-toy-sd1"
+
+BASE = {"prompt": "", "negative_prompt": "", "width": 64, "height": 64, "steps": 12, "sampler_name": "Euler a",
+        "scheduler": "Automatic", "cfg_scale": 7, "seed": 1, "batch_size": 2, "n_iter": 1}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.forge)
+            if not HAVE_FORGE:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+def python_of(forge: Path) -> str:
+    venv = forge.parent / "venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+class Forge(WebUI):
+    def txt2img(self, **payload):
+        return self.post("/sdapi/v1/txt2img", payload)
+
+    def state(self) -> dict:
+        return self.get("/bdm-test/state")
+
+
+def _link_extension(forge: Path) -> None:
+    ext = forge / "extensions" / "bdm"
+    if ext.is_symlink() or ext.exists():
+        if ext.resolve() != REPO.resolve():
+            pytest.exit(f"{ext} exists and is not this project ({REPO}); move it away first", 2)
+        return
+    ext.symlink_to(REPO, target_is_directory=True)
+
+
+def prepare(forge: Path) -> None:
+    """Everything the suite needs inside FORGE_DIR (idempotent)."""
+    from bdm.toy.export import export_webui
+    from tests.forge.support import write_inpainting_checkpoint, write_support_extension
+    from tests.webui.models import make_wrong_file
+    _link_extension(forge)
+    export_webui(forge, quiet=True)
+    make_wrong_file(forge)
+    write_support_extension(forge)
+    write_inpainting_checkpoint(forge)
+
+
+def run_installer(forge: Path) -> str:
+    """The extension's install.py run as Forge runs installers at start (`launch_utils`)."""
+    code = ("import sys; sys.argv = ['launch.py']\n"
+            "from modules import launch_utils\n"
+            "launch_utils.run_extension_installer('extensions/bdm')\n")
+    r = subprocess.run([python_of(forge), "-c", code], cwd=forge, capture_output=True, text=True, timeout=600)
+    return r.stdout + r.stderr + f"\nexit code {r.returncode}"
+
+
+def forge_command(forge: Path, port: int, checkpoint: str, flags=()) -> list[str]:
+    """Forge on the CPU, offline (the harness's run.sh flags: `--always-cpu --all-in-fp32`, no install)."""
+    return [python_of(forge), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+            "--skip-version-check", "--skip-python-version-check", "--always-cpu", "--all-in-fp32", "--no-half",
+            "--precision", "full", "--api", "--server-name", "127.0.0.1", "--port", str(port),
+            "--ckpt", f"models/Stable-diffusion/{checkpoint}.safetensors", *flags]
+
+
+def forge_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                DIFFUSERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", CUDA_VISIBLE_DEVICES="")
+
+
+def start_forge(forge: Path, log_path: Path = LOG, checkpoint: str = CHECKPOINT, flags=()) -> Forge:
+    port = _free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(forge_command(forge, port, checkpoint, flags), cwd=forge, env=forge_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    server = Forge(f"http://127.0.0.1:{port}", forge, proc)
+    server.log, server._log_file = log_path, log
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            stop_forge(server)
+            pytest.fail(f"Forge exited with {proc.returncode}; see {log_path}")
+        try:  # the last start-up step adds the built-in ControlNet's routes: then scripts have their args
+            if server.call("GET", "/controlnet/model_list", timeout=10)[0] == 200:
+                return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(2)
+    stop_forge(server)
+    pytest.fail(f"Forge did not answer within 300 s; see {log_path}")
+
+
+def stop_forge(server: Forge) -> None:
+    from bdm.bench.webui import stop
+    stop(server.proc)
+    server._log_file.close()
+
+
+@pytest.fixture(scope="session")
+def forge():
+    if not HAVE_FORGE:
+        pytest.skip(SKIP_REASON)
+    root = Path(FORGE).resolve()
+    prepare(root)
+    installer = run_installer(root)
+    server = start_forge(root)
+    server.installer_output = installer
+    try:
+        server.baseline = server.txt2img(**BASE)  # before the extension was ever used in this server
+        yield server
+    finally:
+        stop_forge(server)

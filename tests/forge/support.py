@@ -1,0 +1,141 @@
+"""Test-only pieces written into FORGE_DIR by the Forge suite (never part of the extension):
+- `extensions/bdm-forge-test-support/`: an extension with diagnostics routes over the BDM extension's
+  state and one-shot faults inside the branch (below);
+- `models/Stable-diffusion/bdm-test-toy-inpainting.safetensors`: the toy checkpoint with a 9-channel
+  input (an SD1 inpainting model, which BDM must refuse).
+
+Routes of the support extension:
+- `GET /bdm-test/state`: open runs, loaded branches, live `Bridge` / `BranchControl` objects, the branch
+  patchers and Forge's loaded models, the branch's device and dtype, the process RSS, and what the last
+  BDM run saw (branch calls, row roles of its first calls);
+- `POST /bdm-test/arm {"action": "raise"|"interrupt", "at_call": k}`: the next BDM generation raises
+  inside its k-th branch call, or interrupts there (one shot).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "bdm-forge-test-support"
+INPAINTING = "bdm-test-toy-inpainting"
+
+SCRIPT = '''"""Test-only (written by BDM's Forge suite, tests/forge/support.py): diagnostics and faults."""
+import gc
+import sys
+
+from fastapi import Body
+
+from modules import script_callbacks, scripts, shared
+
+LAST = {}
+ARMED = {}
+STARTED = [0]
+
+
+def bdm_script():
+    for data in scripts.scripts_data:
+        if data.script_class.__name__ == "BdmScript":
+            return data.module
+    raise RuntimeError("the BDM script is not loaded")
+
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+
+def digest(module):
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Support(scripts.Script):
+    def title(self):
+        return "BDM test support"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        entry = bdm_script()._runs.get(id(p))
+        if entry is None or getattr(entry[1], "_test_watched", False):
+            return
+        run = entry[1]
+        run._test_watched = True
+        STARTED[0] += 1
+        fault = dict(ARMED)
+        ARMED.clear()
+        LAST.clear()
+        LAST.update({"unet_calls": 0, "roles": [], "fault": fault or None})
+        run.record_rows = True
+
+        def on_call(n, run=run):
+            LAST["unet_calls"] = n
+            if len(LAST["roles"]) < 4:
+                LAST["roles"].append([f"{r.role}{r.image}" for r in run.rows_seen[-1]])
+            del run.rows_seen[:]
+            if fault and n == fault["at_call"]:
+                LAST["fired"] = fault["action"]
+                if fault["action"] == "raise":
+                    raise RuntimeError(f"BDM test fault at branch call {n}")
+                shared.state.interrupt()
+        run.on_unet_call = on_call
+
+
+def routes(demo, app):
+    @app.get("/bdm-test/state")
+    def state():
+        m = bdm_script()
+        branch = sys.modules["bdm_forge.branch"]
+        from backend import memory_management
+        from bdm.bridge import Bridge
+        gc.collect()
+        objects = gc.get_objects()
+        return {"runs": len(m._runs), "manager": len(m._manager.bridges()),
+                "bridge_objects": sum(isinstance(o, Bridge) for o in objects),
+                "controls": sum(isinstance(o, branch.BranchControl) for o in objects),
+                "patchers": len(branch._patchers),
+                "loaded_models": [type(x.model.model).__name__ for x in memory_management.current_loaded_models],
+                "branches": [{"device": str(next(b.parameters()).device), "dtype": str(next(b.parameters()).dtype),
+                              "digest": digest(b)} for b, _ in branch._patchers.values()],
+                "rss_mb": rss_mb(), "last": LAST, "started": STARTED[0]}
+
+    @app.post("/bdm-test/arm")
+    def arm(body: dict = Body(...)):
+        ARMED.clear()
+        ARMED.update({"action": body.get("action", "raise"), "at_call": int(body.get("at_call", 1))})
+        return ARMED
+
+
+script_callbacks.on_app_started(routes)
+'''
+
+
+def write_support_extension(forge_dir: Path) -> Path:
+    ext = Path(forge_dir) / "extensions" / NAME
+    (ext / "scripts").mkdir(parents=True, exist_ok=True)
+    (ext / "scripts" / "bdm_forge_test_support.py").write_text(SCRIPT, encoding="utf-8")
+    return ext
+
+
+def write_inpainting_checkpoint(forge_dir: Path) -> Path:
+    """The toy backbone with 5 more input channels (small random weights): what Forge loads as an SD1
+    inpainting model of the toy family."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    sd_dir = Path(forge_dir) / "models" / "Stable-diffusion"
+    src, out = sd_dir / "bdm-toy-sd1.safetensors", sd_dir / f"{INPAINTING}.safetensors"
+    if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    sd = load_file(str(src))
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    w = sd[key]
+    g = torch.Generator().manual_seed(4)
+    sd[key] = torch.cat([w, 0.05 * torch.randn((w.shape[0], 5, *w.shape[2:]), generator=g)], dim=1)
+    save_file(sd, str(out))
+    return out
