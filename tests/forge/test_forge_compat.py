@@ -105,12 +105,17 @@ def test_builtin_controlnet_with_bdm(forge, judge, refs):
 
 
 def test_hires_fix_both_passes_get_the_branch(forge, judge, refs):
-    hr = dict(enable_hr=True, hr_scale=2, hr_second_pass_steps=4, hr_upscaler="Latent", denoising_strength=0.5)
+    # (Forge's API needs hr_additional_modules for a hires pass: it fails on None)
+    hr = dict(enable_hr=True, hr_scale=2, hr_second_pass_steps=4, hr_upscaler="Latent", denoising_strength=0.6,
+              hr_additional_modules=["Use same choices"])
     plain = generate(forge, **hr)
-    on = generate(forge, bdm(), **hr)
+    on = generate(forge, bdm(PROMPTS[1][0]), batch_size=4, **hr)
     calls = forge.state()["last"]["unet_calls"]
-    assert calls == BASE["steps"] + 4, f"{calls} branch calls: the hires pass did not get the branch"
-    assert pixels(on)[0].shape[:2] == (128, 128) and mean_diff(on, plain) > 0.5
+    assert calls > BASE["steps"], f"{calls} branch calls: the hires pass did not get the branch"
+    assert pixels(on)[0].shape[:2] == (128, 128) and mean_diff(on, plain, 2) > 0.5
+    v = judge({"images": [png_b64(a[::2, ::2, :3]) for a in pixels(on)]}, 4)  # the judge sees 64 × 64
+    print(f"hires: {calls} branch calls, colour {v['colour']}")
+    assert rate(v["colour"], PROMPTS[1][1]) >= 0.75, v
 
 
 def test_img2img_and_inpainting_mask(forge, judge, refs):
@@ -124,7 +129,7 @@ def test_img2img_and_inpainting_mask(forge, judge, refs):
     assert forge.state()["last"]["unet_calls"] > 0 and not bdm_error(on)
     src = pixels(refs["plain"])[0][..., :3]
     a, b = pixels(on)[0][..., :3], pixels(off)[0][..., :3]
-    assert np.abs(a[:, :24].astype(int) - src[:, :24].astype(int)).max() <= 8, "the unmasked half changed"
+    assert (a[:, :32] == src[:, :32]).all(), "the unmasked half changed"
     assert np.abs(a[:, 32:].astype(int) - b[:, 32:].astype(int)).mean() > 0.5, "BDM had no effect inside the mask"
     full = generate(forge, bdm(PROMPTS[1][0]), route="img2img", init_images=[init], denoising_strength=0.9, batch_size=4)
     assert rate(judge(full, 4)["colour"], "blue") >= 0.75, judge(full, 4)
