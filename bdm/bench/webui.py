@@ -1,5 +1,6 @@
-"""`python -m bdm.bench webui`: seconds per denoising step inside a running AUTOMATIC1111 WebUI, for
-plain SD, BDM, the ControlNet extension with a same-size ControlNet, and BDM + ControlNet.
+"""`python -m bdm.bench webui`: seconds per denoising step inside a running AUTOMATIC1111 WebUI or Forge,
+for plain SD, BDM, a same-size ControlNet (the ControlNet extension; Forge's built-in one), and BDM +
+ControlNet.
 
 Each request's wall time includes fixed costs (HTTP, text encoding, VAE decode, hooks set-up); they
 cancel in the difference of two step counts: per step = (t(steps_hi) − t(steps_lo)) / (hi − lo). The
@@ -10,10 +11,12 @@ and the medians over repeats are reported. The last line is
 Usage:
   python -m bdm.bench webui --url http://127.0.0.1:7860 --bdm-model NAME --controlnet-model TITLE
   python -m bdm.bench webui --a1111 /path/to/stable-diffusion-webui   # starts one itself (CPU, offline)
+  python -m bdm.bench webui --forge /path/to/stable-diffusion-webui-forge   # the same with Forge
 With `--a1111` the WebUI is started with run.sh's flags (`--skip-prepare-environment --skip-install
---use-cpu all --no-half --precision full --api`), the checkpoint given by `--ckpt` (default the test
-suite's tiny-sd1), and stopped at the end; a BDM model for that checkpoint is made if none is named.
-The WebUI must have this project in `extensions/` and sd-webui-controlnet installed.
+--use-cpu all --no-half --precision full --api`; Forge: `--always-cpu --all-in-fp32` for the CPU), the
+checkpoint given by `--ckpt` (default the test harnesses' tiny-sd1), and stopped at the end; a BDM model
+for that checkpoint is made if none is named. The WebUI must have this project in `extensions/` (and,
+in A1111, sd-webui-controlnet installed).
 """
 from __future__ import annotations
 
@@ -56,6 +59,12 @@ def _hint_png(size: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def controlnet_module(url: str) -> str:
+    """The "no preprocessor" module as the server spells it (A1111's extension: "none", Forge: "None")."""
+    modules = _get(url, "/controlnet/module_list")["module_list"]
+    return next((m for m in modules if m.lower() == "none"), "none")
+
+
 def payload(mode: str, steps: int, args) -> dict:
     p = {"prompt": "", "negative_prompt": "", "width": args.size, "height": args.size, "steps": steps,
          "sampler_name": "Euler", "scheduler": "Automatic", "cfg_scale": 7, "seed": 1,
@@ -64,7 +73,7 @@ def payload(mode: str, steps: int, args) -> dict:
         p["alwayson_scripts"]["BDM"] = {"args": {"enabled": True, "prompt": "红色的圆形", "model": args.bdm_model}}
     if mode in ("controlnet", "both"):
         p["alwayson_scripts"]["controlnet"] = {"args": [{
-            "enabled": True, "module": "none", "model": args.controlnet_model, "weight": 1.0,
+            "enabled": True, "module": args.controlnet_module, "model": args.controlnet_model, "weight": 1.0,
             "image": _hint_png(args.size), "resize_mode": "Just Resize", "processor_res": args.size}]}
     return p
 
@@ -129,23 +138,28 @@ def _make_bdm(a1111: Path, ckpt: Path, name: str = "bench-bdm") -> str:
     return name
 
 
-def start(a1111: Path, ckpt: str, log: Path):
+def start(root: Path, ckpt: str, log: Path, forge: bool = False):
+    """A WebUI (A1111, or Forge with `forge`) on the CPU, offline, API only, on a free port."""
     port = _free_port()
-    python = a1111.parent / "venv" / "bin" / "python"
+    python = root.parent / "venv" / "bin" / "python"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    cpu = ["--use-cpu", "all"]
+    if forge:  # Forge's CPU switch; float32 throughout (the CPU has no fast float16)
+        cpu = ["--always-cpu", "--all-in-fp32", "--skip-python-version-check"]
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [str(python) if python.exists() else sys.executable, "launch.py", "--skip-prepare-environment",
-           "--skip-install", "--skip-torch-cuda-test", "--skip-version-check", "--use-cpu", "all", "--no-half",
+           "--skip-install", "--skip-torch-cuda-test", "--skip-version-check", *cpu, "--no-half",
            "--precision", "full", "--api", "--nowebui", "--server-name", "127.0.0.1", "--port", str(port),
            "--ckpt", ckpt]
     f = open(log, "w")
-    proc = subprocess.Popen(cmd, cwd=a1111, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the WebUI exited with {proc.returncode}; see {log}")
-        try:
-            _get(url, "/sdapi/v1/sd-models", timeout=10)
+        try:  # the ControlNet routes come with the last start-up step: then every script has its args
+            _get(url, "/controlnet/model_list", timeout=10)
             return proc, url
         except OSError:
             time.sleep(2)
@@ -166,10 +180,11 @@ def stop(proc) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bdm.bench webui", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", help="a running WebUI (with --api); else --a1111 starts one")
+    ap.add_argument("--url", help="a running WebUI (with --api); else --a1111 or --forge starts one")
     ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"), help="WebUI folder (default $A1111_DIR)")
+    ap.add_argument("--forge", help="a Forge folder to start instead of an A1111 WebUI")
     ap.add_argument("--ckpt", default="models/Stable-diffusion/tiny-sd1.safetensors",
-                    help="checkpoint for a started WebUI (relative to --a1111)")
+                    help="checkpoint for a started WebUI (relative to its folder)")
     ap.add_argument("--bdm-model", default=None, help="BDM model name (default: made for the checkpoint)")
     ap.add_argument("--controlnet-model", default=None,
                     help="ControlNet model title (default: the first the extension lists)")
@@ -183,12 +198,12 @@ def main(argv=None) -> int:
     proc = None
     url = args.url.rstrip("/") if args.url else None
     if url is None:
-        if not args.a1111:
-            ap.error("give --url of a running WebUI or --a1111 (or set A1111_DIR)")
-        a1111 = Path(args.a1111).resolve()
+        if not (args.forge or args.a1111):
+            ap.error("give --url of a running WebUI, --a1111 (or set A1111_DIR) or --forge")
+        root = Path(args.forge or args.a1111).resolve()
         if args.bdm_model is None:
-            args.bdm_model = _make_bdm(a1111, a1111 / args.ckpt)
-        proc, url = start(a1111, args.ckpt, Path(args.log))
+            args.bdm_model = _make_bdm(root, root / args.ckpt)
+        proc, url = start(root, args.ckpt, Path(args.log), forge=bool(args.forge))
     try:
         if args.bdm_model is None:
             models = _get(url, "/bdm/models")["models"]
@@ -200,6 +215,7 @@ def main(argv=None) -> int:
             if not cn:
                 raise SystemExit("the ControlNet extension lists no model; give --controlnet-model")
             args.controlnet_model = cn[0]
+        args.controlnet_module = controlnet_module(url)
         check(url, args)
         for mode in MODES:  # warm-up
             _post(url, "/sdapi/v1/txt2img", payload(mode, args.steps[0], args))
