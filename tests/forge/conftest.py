@@ -61,16 +61,20 @@ def _link_extension(forge: Path) -> None:
     ext.symlink_to(REPO, target_is_directory=True)
 
 
-def prepare(forge: Path) -> None:
-    """Everything the suite needs inside FORGE_DIR (idempotent)."""
+def prepare(forge: Path) -> str:
+    """Everything the suite needs inside FORGE_DIR (idempotent); returns what building the foreign
+    checkpoints said."""
     from bdm.toy.export import export_webui
-    from tests.forge.support import write_inpainting_checkpoint, write_support_extension
+    from tests.forge.support import write_foreign_checkpoints, write_inpainting_checkpoint, write_support_extension
+    from tests.webui.foreign import write_vae_approx_sdxl
     from tests.webui.models import make_wrong_file
     _link_extension(forge)
+    write_vae_approx_sdxl(forge)  # SDXL previews would download it
     export_webui(forge, quiet=True)
     make_wrong_file(forge)
     write_support_extension(forge)
     write_inpainting_checkpoint(forge)
+    return write_foreign_checkpoints(forge, python_of(forge))
 
 
 def run_installer(forge: Path) -> str:
@@ -128,10 +132,10 @@ def forge():
     if not HAVE_FORGE:
         pytest.skip(SKIP_REASON)
     root = Path(FORGE).resolve()
-    prepare(root)
+    foreign = prepare(root)
     installer = run_installer(root)
     server = start_forge(root)
-    server.installer_output = installer
+    server.installer_output, server.foreign = installer, foreign
     try:
         server.baseline = server.txt2img(**BASE)  # before the extension was ever used in this server
         yield server

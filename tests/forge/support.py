@@ -1,6 +1,7 @@
 """Test-only pieces written into FORGE_DIR by the Forge suite (never part of the extension):
 - `extensions/bdm-forge-test-support/`: an extension with diagnostics routes over the BDM extension's
-  state and one-shot faults inside the branch (below);
+  state and one-shot faults inside the branch (below), and the model families of the tiny SD2 and SDXL
+  checkpoints (tests/forge/foreign.py builds those);
 - `models/Stable-diffusion/bdm-test-toy-inpainting.safetensors`: the toy checkpoint with a 9-channel
   input (an SD1 inpainting model, which BDM must refuse).
 
@@ -24,7 +25,33 @@ import sys
 
 from fastapi import Body
 
+import os
+
+from huggingface_guess import model_list
+
 from modules import script_callbacks, scripts, shared
+
+# the tiny SD2 / SDXL test checkpoints' families (shapes from tests/forge/foreign.py)
+FAMILIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "families")
+HEADS = {"num_heads": -1, "num_head_channels": 16}
+
+
+class BdmTestSD2(model_list.SD20):
+    huggingface_repo = os.path.join(FAMILIES, "sd2")
+    unet_config = {"model_channels": 32, "context_dim": 32, "channel_mult": [1, 2], "use_linear_in_transformer": True,
+                   "adm_in_channels": None, "use_temporal_attention": False}
+    unet_extra_config = HEADS
+
+
+class BdmTestSDXL(model_list.SDXL):
+    huggingface_repo = os.path.join(FAMILIES, "sdxl")
+    unet_config = {"model_channels": 32, "context_dim": 64, "channel_mult": [1, 2], "use_linear_in_transformer": True,
+                   "adm_in_channels": 32 + 6 * 256, "use_temporal_attention": False}
+    unet_extra_config = HEADS
+
+
+model_list.models[:] = [m for m in model_list.models if not m.__name__.startswith("BdmTest")]
+model_list.models[0:0] = [BdmTestSD2, BdmTestSDXL]
 
 LAST = {}
 ARMED = {}
@@ -114,6 +141,22 @@ def routes(demo, app):
 
 script_callbacks.on_app_started(routes)
 '''
+
+
+def write_foreign_checkpoints(forge_dir: Path, python: str) -> str:
+    """The tiny SD2 and SDXL checkpoints and their family folders, built with Forge's python
+    (tests/forge/foreign.py); rebuilt only when foreign.py changed."""
+    import subprocess
+    from tests.forge import foreign
+    script = Path(foreign.__file__)
+    outs = [Path(forge_dir) / "models" / "Stable-diffusion" / f"{n}.safetensors" for n in foreign.KINDS.values()]
+    if all(o.is_file() and o.stat().st_mtime >= script.stat().st_mtime for o in outs):
+        return "up to date"
+    r = subprocess.run([python, str(script), str(forge_dir)], cwd=forge_dir, capture_output=True, text=True,
+                       timeout=600, env=dict(__import__("os").environ, CUDA_VISIBLE_DEVICES=""))
+    if r.returncode:
+        return f"foreign checkpoints failed ({r.returncode}):\n{r.stderr[-3000:]}"
+    return r.stdout
 
 
 def write_support_extension(forge_dir: Path) -> Path:

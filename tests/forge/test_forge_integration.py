@@ -216,14 +216,23 @@ def test_and_prompt_gives_one_cond_chunk_per_subprompt(forge):
     assert roles == ["uncond0", "uncond1", "cond0", "cond1", "cond0", "cond1"], roles
 
 
-def test_inpainting_checkpoint_is_refused_and_plain_generation_unaffected(forge, on):
-    forge.post("/sdapi/v1/options", {"sd_model_checkpoint": INPAINTING})
+FOREIGN = [("bdm-test-sd2", "SD2.x"), ("bdm-test-sdxl", "SDXL"), (INPAINTING, "inpainting")]
+
+
+@pytest.mark.parametrize("name,family", FOREIGN, ids=["sd2", "sdxl", "inpainting"])
+def test_foreign_checkpoint_is_refused_and_plain_generation_unaffected(forge, on, name, family):
+    if not (forge.dir / "models" / "Stable-diffusion" / f"{name}.safetensors").is_file():
+        pytest.skip(f"{name} was not built: {forge.foreign[-500:]}")
+    forge.post("/sdapi/v1/options", {"sd_model_checkpoint": name})
     try:
+        current = forge.get("/sdapi/v1/options")["sd_model_checkpoint"]
+        assert current.split(" [")[0].removesuffix(".safetensors") == name, current
         plain = forge.txt2img(**BASE)
         refused = forge.txt2img(**BASE, **bdm(POSITIONAL))
         error = bdm_error(refused)
-        assert "inpainting" in error and "SD1.x" in error, error
+        assert family in error and "SD1.x" in error, error
         assert same(refused, plain), "a refused BDM request must give the plain image"
+        assert same(forge.txt2img(**BASE), plain)
         assert "BDM: not applied" in forge.log.read_text()
     finally:
         forge.post("/sdapi/v1/options", {"sd_model_checkpoint": CHECKPOINT})
