@@ -112,6 +112,11 @@ def test_export_webui(quick, tmp_path, capsys):
     assert Path(version).is_absolute() and (Path(version) / "vocab.json").is_file()
     from transformers import CLIPTokenizer
     assert CLIPTokenizer.from_pretrained(version)("a red circle").input_ids[0] == 49406  # offline, from the folder
+    forge = sd / paths.FORGE_CONFIG_DIR_NAME  # Forge's component configs of the toy family
+    index = json.loads((forge / "model_index.json").read_text())
+    for component in ("scheduler", "text_encoder", "tokenizer", "vae"):
+        assert index[component] and (forge / component).is_dir(), component
+    assert CLIPTokenizer.from_pretrained(str(forge / "tokenizer"))("a red circle").input_ids[0] == 49406
     out = capsys.readouterr().out
     assert D.LORA_TRIGGER in out and "bdm-toy-smallthing" in out
 

@@ -38,6 +38,28 @@ def test_committed_checkpoint_is_a_webui_sd1_checkpoint():
 
 
 @needs_weights
+def test_forge_configs_describe_the_toy_checkpoint():
+    """The VAE and scheduler configs `export-webui` writes for Forge (diffusers names, from the `.yaml`)
+    describe the committed checkpoint: diffusers' AutoencoderKL built from them holds tensors of exactly
+    the checkpoint's VAE sizes, with the `.yaml`'s scale factor, and diffusers' scheduler has SD1's
+    alphas (the peer reads the configs as Forge does)."""
+    diffusers = pytest.importorskip("diffusers")
+    import yaml
+
+    from bdm.formats.files import read_state_dict
+    from bdm.sampling import sd1_alphas_cumprod
+    from bdm.toy.export import forge_components
+    ldm_yaml = paths.backbone_checkpoint().with_suffix(".yaml")
+    cfg = forge_components(ldm_yaml)
+    vae = diffusers.AutoencoderKL.from_config(cfg["vae"])
+    ours = [v.numel() for k, v in read_state_dict(paths.backbone_checkpoint()).items() if k.startswith("first_stage_model.")]
+    assert sorted(v.numel() for v in vae.state_dict().values()) == sorted(ours)
+    assert vae.config.scaling_factor == yaml.safe_load(ldm_yaml.read_text())["model"]["params"]["scale_factor"]
+    scheduler = diffusers.PNDMScheduler.from_config(cfg["scheduler"])
+    assert torch.allclose(scheduler.alphas_cumprod.float(), sd1_alphas_cumprod().float(), atol=1e-6)
+
+
+@needs_weights
 @pytest.mark.slow
 def test_small_eval_far_above_chance(tmp_path):
     """A reduced `python -m bdm.toy eval`: 24 images per row; chance is 25 % (colour) and 33 % (shape)."""
