@@ -12,7 +12,7 @@ if importlib.util.find_spec("backend.patcher.controlnet") is None:
     raise ImportError("BDM: this Forge has no `backend/` (the 2024-08 rewrite); BDM supports Forge from that "
                       "version on: update Forge (git pull), or use AUTOMATIC1111")
 
-from .branch import add_branch, diffusion_model, refusal, release  # noqa: E402
+from .branch import add_branch, diffusion_model, has_branch, refusal, release  # noqa: E402
 from .toy_family import register as register_toy_family  # noqa: E402
 
-__all__ = ["add_branch", "diffusion_model", "refusal", "register_toy_family", "release"]
+__all__ = ["add_branch", "diffusion_model", "has_branch", "refusal", "register_toy_family", "release"]

@@ -85,6 +85,15 @@ class BranchControl(ControlBase):
         return c
 
 
+def has_branch(engine, run) -> bool:
+    """Whether the engine's current UNet patcher carries `run`'s link. Forge's refiner switch (inside
+    sampling) loads the refiner with a fresh patcher: without the links of BDM and of its own ControlNet."""
+    try:
+        return any(isinstance(c, BranchControl) and c.run is run for c in engine.forge_objects.unet.list_controlnets())
+    except AttributeError:
+        return False
+
+
 # One ModelPatcher per loaded branch (id(bridge) -> (bridge, patcher)), so Forge sees the same model
 # every generation ("already loaded") instead of a new one to load.
 _patchers: dict[int, tuple[object, ModelPatcher]] = {}

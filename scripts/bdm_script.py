@@ -438,6 +438,20 @@ def host_unet(sd_model):
     return sd_model.model.diffusion_model
 
 
+def on_cfg_denoiser_forge(params):
+    """Forge: say so when the branch disappears mid-sampling (a refiner switch loads the refiner without
+    the controls of extensions) instead of going on without it silently."""
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    entry = _runs.get(id(p))
+    if entry is None or entry[1].bridge is None or entry[1].unet_calls == 0 or \
+            bdm_forge.has_branch(shared.sd_model, entry[1]):
+        return
+    if not p.extra_generation_params.get("BDM error"):
+        message = "BDM: not applied after the refiner switch (Forge loads the refiner without extensions' controls)"
+        log(message)
+        p.extra_generation_params["BDM error"] = message
+
+
 def on_ui_settings():
     section = ("bdm", "BDM")
     add = shared.opts.add_option
@@ -549,6 +563,7 @@ def _register(register, fn):
 if FORGE:  # Forge says each UNet call's rows itself (bdm_forge.branch)
     bdm_forge.register_toy_family(lambda: [getattr(shared.cmd_opts, "ckpt_dir", None),
                                           os.path.join(paths.models_path, "Stable-diffusion")])
+    _register(script_callbacks.on_cfg_denoiser, on_cfg_denoiser_forge)
 else:
     _register(script_callbacks.on_cfg_denoiser, on_cfg_denoiser)
 _register(script_callbacks.on_ui_settings, on_ui_settings)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 from pathlib import Path
 
 import pytest
 
-from tests.webui.conftest import WebUI, _free_port, pixels  # noqa: F401  (pixels: for the test modules)
+# the A1111 suite's helpers fit Forge's folder layout too (extensions/, ../venv, launch_utils' installer)
+from tests.webui.conftest import WebUI, _free_port, _link_extension, _python, _run_installer, pixels  # noqa: F401
+from tests.webui.conftest import stop_server as stop_forge
 
 REPO = Path(__file__).resolve().parents[2]
 FORGE = os.environ.get("FORGE_DIR")
@@ -39,26 +40,12 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 
-def python_of(forge: Path) -> str:
-    venv = forge.parent / "venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
 class Forge(WebUI):
     def txt2img(self, **payload):
         return self.post("/sdapi/v1/txt2img", payload)
 
     def state(self) -> dict:
         return self.get("/bdm-test/state")
-
-
-def _link_extension(forge: Path) -> None:
-    ext = forge / "extensions" / "bdm"
-    if ext.is_symlink() or ext.exists():
-        if ext.resolve() != REPO.resolve():
-            pytest.exit(f"{ext} exists and is not this project ({REPO}); move it away first", 2)
-        return
-    ext.symlink_to(REPO, target_is_directory=True)
 
 
 def prepare(forge: Path) -> str:
@@ -74,21 +61,12 @@ def prepare(forge: Path) -> str:
     make_wrong_file(forge)
     write_support_extension(forge)
     write_inpainting_checkpoint(forge)
-    return write_foreign_checkpoints(forge, python_of(forge))
-
-
-def run_installer(forge: Path) -> str:
-    """The extension's install.py run as Forge runs installers at start (`launch_utils`)."""
-    code = ("import sys; sys.argv = ['launch.py']\n"
-            "from modules import launch_utils\n"
-            "launch_utils.run_extension_installer('extensions/bdm')\n")
-    r = subprocess.run([python_of(forge), "-c", code], cwd=forge, capture_output=True, text=True, timeout=600)
-    return r.stdout + r.stderr + f"\nexit code {r.returncode}"
+    return write_foreign_checkpoints(forge, _python(forge))
 
 
 def forge_command(forge: Path, port: int, checkpoint: str, flags=()) -> list[str]:
     """Forge on the CPU, offline (the harness's run.sh flags: `--always-cpu --all-in-fp32`, no install)."""
-    return [python_of(forge), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+    return [_python(forge), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
             "--skip-version-check", "--skip-python-version-check", "--always-cpu", "--all-in-fp32", "--no-half",
             "--precision", "full", "--api", "--server-name", "127.0.0.1", "--port", str(port),
             "--ckpt", f"models/Stable-diffusion/{checkpoint}.safetensors", *flags]
@@ -121,19 +99,13 @@ def start_forge(forge: Path, log_path: Path = LOG, checkpoint: str = CHECKPOINT,
     pytest.fail(f"Forge did not answer within 300 s; see {log_path}")
 
 
-def stop_forge(server: Forge) -> None:
-    from bdm.bench.webui import stop
-    stop(server.proc)
-    server._log_file.close()
-
-
 @pytest.fixture(scope="session")
 def forge():
     if not HAVE_FORGE:
         pytest.skip(SKIP_REASON)
     root = Path(FORGE).resolve()
     foreign = prepare(root)
-    installer = run_installer(root)
+    installer = _run_installer(root)
     server = start_forge(root)
     server.installer_output, server.foreign = installer, foreign
     try:

@@ -162,6 +162,25 @@ def test_finetuned_checkpoint_and_back(forge, judge, refs):
     assert same(generate(forge), refs["plain"]) and same(generate(forge, bdm()), refs["bdm"])
 
 
+def test_refiner_switch_says_the_branch_was_dropped(forge, refs):
+    """Forge loads a refiner mid-sampling without the controls of extensions (its own ControlNet too): the
+    branch runs until the switch and the image says that BDM stopped there."""
+    r = generate(forge, bdm(), refiner_checkpoint=OUTLINE, refiner_switch_at=0.5)
+    calls = forge.state()["last"]["unet_calls"]
+    assert "Refiner" in info(r)["infotexts"][0], info(r)["infotexts"][0]
+    assert "refiner switch" in bdm_error(r) and 0 < calls < BASE["steps"], (bdm_error(r), calls)
+    assert same(generate(forge, bdm()), refs["bdm"])  # and the next generation is whole again
+
+
+def test_two_controlnet_units_with_bdm(forge, judge, refs):
+    units = controlnet(0, 0.8)["ControlNet"]["args"] + controlnet(8, 0.8)["ControlNet"]["args"]
+    two = generate(forge, {"ControlNet": {"args": units}, **bdm()})
+    two_plain = generate(forge, {"ControlNet": {"args": units}})
+    assert len(two["images"]) == BASE["batch_size"] + 2, "two control maps expected"
+    assert mean_diff(two, two_plain, 2) > 0.5 and forge.state()["last"]["unet_calls"] == BASE["steps"]
+    assert rate(judge(two, 2)["colour"], PROMPTS[0][1]) == 1.0
+
+
 def test_xyz_plot_axes(forge, refs):
     infos = [s for s in forge.get("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"]]
     choices = next(a["choices"] for a in infos[0]["args"] if a["label"] == "X type")
