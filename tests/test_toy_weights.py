@@ -7,7 +7,7 @@ import pytest
 
 from bdm.toy import paths
 
-from .util import check_webui_layout
+from .util import check_webui_layout, oracle
 
 COMMITTED = paths.WEIGHTS / "build.json"
 needs_weights = pytest.mark.skipif(not COMMITTED.is_file(),
@@ -43,7 +43,8 @@ def test_forge_configs_describe_the_toy_checkpoint():
     describe the committed checkpoint: diffusers' AutoencoderKL built from them holds tensors of exactly
     the checkpoint's VAE sizes, with the `.yaml`'s scale factor, and diffusers' scheduler has SD1's
     alphas (the peer reads the configs as Forge does)."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = oracle("diffusers")
+    import torch
     import yaml
 
     from bdm.formats.files import read_state_dict
