@@ -179,6 +179,19 @@ def test_errors_are_shown_and_serving_continues(forge):
     assert forge.alive() and same(forge.txt2img(**BASE), forge.baseline)
 
 
+def test_settings_and_the_default_model(forge, on):
+    """Settings → BDM exists in Forge's settings UI (Forge's GET options lists only values that were set)."""
+    _, components = _ui(forge)
+    for key in ("bdm_default_model", "bdm_default_strength", "bdm_encoder_on_cpu", "bdm_cache_size",
+                "bdm_models_in_memory", "bdm_offload", "bdm_chinese_clip_path", "bdm_on_error"):
+        assert _elem(components, f"setting_{key}") is not None, key
+    forge.post("/sdapi/v1/options", {"bdm_default_model": TOY})
+    try:
+        assert same(forge.txt2img(**BASE, **bdm([True, "None", 1.0, PROMPT, "模糊"])), on)
+    finally:
+        forge.post("/sdapi/v1/options", {"bdm_default_model": "None"})
+
+
 def test_stop_mode_stops_the_generation_with_the_message(forge):
     forge.post("/sdapi/v1/options", {"bdm_on_error": "Stop the generation / 停止生成"})
     try:
@@ -197,6 +210,14 @@ def test_branch_is_in_forges_memory_management(forge, on):
     st = forge.state()
     assert st["loaded_models"].count("Bridge") == 1 and "KModel" in st["loaded_models"], st
     assert st["patchers"] == 1 and st["branches"][0]["device"] == "cpu" and st["branches"][0]["dtype"] == "torch.float32"
+    forge.post("/sdapi/v1/options", {"bdm_offload": True})  # unload after each generation, through Forge
+    try:
+        again = forge.txt2img(**BASE, **bdm(POSITIONAL))
+        st = forge.state()
+        assert "Bridge" not in st["loaded_models"] and st["patchers"] == 0 and same(again, on), st
+    finally:
+        forge.post("/sdapi/v1/options", {"bdm_offload": False})
+    assert same(forge.txt2img(**BASE, **bdm(POSITIONAL)), on) and forge.state()["loaded_models"].count("Bridge") == 1
 
 
 @pytest.mark.parametrize("cfg,first_call", [(7, ["uncond0", "uncond1", "cond0", "cond1"]), (1, ["cond0", "cond1"])])
