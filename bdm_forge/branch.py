@@ -59,7 +59,11 @@ class BranchControl(ControlBase):
             previous = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number)
         if self.run.error is not None:  # "stop the generation" when BDM cannot be applied
             raise BdmRunError(self.run.error)
-        context = self.run.contexts(chunked_row_roles(self.transformer_options["cond_or_uncond"], x_noisy.shape[0]))
+        chunks = self.transformer_options.get("cond_or_uncond")
+        if chunks is None:  # not Forge's sampler (calc_cond_uncond_batch) calling: rows unknown
+            self.run._warn("outside", "BDM: a UNet call without Forge's row roles ran without the branch")
+            return previous
+        context = self.run.contexts(chunked_row_roles(chunks, x_noisy.shape[0]))
         bridge = self.patcher.model
         weight = next(bridge.parameters())
         x = self.predictor.calculate_input(t, x_noisy)  # what the UNet sees (KModel.apply_model)
