@@ -6,7 +6,9 @@ Each request's wall time includes fixed costs (HTTP, text encoding, VAE decode, 
 cancel in the difference of two step counts: per step = (t(steps_hi) − t(steps_lo)) / (hi − lo). The
 four modes are interleaved within every repeat (so a slow moment of a shared machine hits all modes),
 and the medians over repeats are reported. The last line is
-`RATIOS bdm/plain=X controlnet/plain=Y both/plain=Z`.
+`RATIOS bdm/plain=X controlnet/plain=Y both/plain=Z`. When the bench starts the server itself (Linux), it
+also reads the server process's CPU time per request (/proc): `CPU RATIOS …`, the same quotients of CPU
+seconds per step, which other jobs on a shared machine disturb far less than wall time.
 
 Usage:
   python -m bdm.bench webui --url http://127.0.0.1:7860 --bdm-model NAME --controlnet-model TITLE
@@ -91,22 +93,42 @@ def check(url: str, args) -> None:
             raise SystemExit(f"ControlNet did not run in mode {mode} (model {args.controlnet_model!r})")
 
 
-def measure(url: str, args) -> dict:
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid` (all its threads) from /proc; None where unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def measure(url: str, args, pid: int | None = None) -> tuple[dict, dict | None]:
+    """Median seconds per step per mode: wall time, and the server's CPU time when `pid` is known."""
     lo, hi = args.steps
     per_step: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu_per_step: dict[str, list[float]] = {m: [] for m in MODES}
+    have_cpu = cpu_seconds(pid) is not None
     for rep in range(args.repeats):
-        times = {}
+        times, cpu = {}, {}
         for mode in MODES:
             for steps in (lo, hi):
-                t = time.perf_counter()
+                c, t = cpu_seconds(pid), time.perf_counter()
                 _post(url, "/sdapi/v1/txt2img", payload(mode, steps, args))
                 times[mode, steps] = time.perf_counter() - t
+                if have_cpu:
+                    cpu[mode, steps] = cpu_seconds(pid) - c
         for mode in MODES:
             per_step[mode].append((times[mode, hi] - times[mode, lo]) / (hi - lo))
+            if have_cpu:
+                cpu_per_step[mode].append((cpu[mode, hi] - cpu[mode, lo]) / (hi - lo))
         if not args.quiet:
             print(f"repeat {rep + 1}/{args.repeats}: " +
                   ", ".join(f"{m} {per_step[m][-1] * 1000:.1f} ms/step" for m in MODES), flush=True)
-    return {m: statistics.median(v) for m, v in per_step.items()}
+    wall = {m: statistics.median(v) for m, v in per_step.items()}
+    return wall, ({m: statistics.median(v) for m, v in cpu_per_step.items()} if have_cpu else None)
 
 
 # -- starting a WebUI ----------------------------------------------------------------------------------
@@ -219,7 +241,7 @@ def main(argv=None) -> int:
         check(url, args)
         for mode in MODES:  # warm-up
             _post(url, "/sdapi/v1/txt2img", payload(mode, args.steps[0], args))
-        med = measure(url, args)
+        med, cpu = measure(url, args, proc.pid if proc is not None else None)
     finally:
         if proc is not None:
             stop(proc)
@@ -228,6 +250,12 @@ def main(argv=None) -> int:
           f"ControlNet {args.controlnet_model}")
     for mode in MODES:
         print(f"  {mode:<10} {med[mode] * 1000:8.2f} ms/step   x{med[mode] / med['plain']:.3f}")
-    print(f"RATIOS bdm/plain={med['bdm'] / med['plain']:.3f} controlnet/plain={med['controlnet'] / med['plain']:.3f} "
-          f"both/plain={med['both'] / med['plain']:.3f}")
+    if cpu is not None:
+        print("server CPU seconds per step: " + ", ".join(f"{m} {cpu[m] * 1000:.2f} ms" for m in MODES))
+        print("CPU " + ratios(cpu))
+    print(ratios(med))
     return 0
+
+
+def ratios(per_step: dict) -> str:
+    return ("RATIOS " + " ".join(f"{m}/plain={per_step[m] / per_step['plain']:.3f}" for m in ("bdm", "controlnet", "both")))
