@@ -439,12 +439,17 @@ def host_unet(sd_model):
 
 
 def on_cfg_denoiser_forge(params):
-    """Forge: say so when the branch disappears mid-sampling (a refiner switch loads the refiner without
-    the controls of extensions) instead of going on without it silently."""
-    p = getattr(getattr(params, "denoiser", None), "p", None)
+    """Forge: the denoiser's step and pass for the Chinese prompts' schedules (the branch's link reads
+    them per UNet call); and say so when the branch disappears mid-sampling (a refiner switch loads the
+    refiner without the controls of extensions) instead of going on without it silently."""
+    d = getattr(params, "denoiser", None)
+    p = getattr(d, "p", None)
     entry = _runs.get(id(p))
-    if entry is None or entry[1].bridge is None or entry[1].unet_calls == 0 or \
-            bdm_forge.has_branch(shared.sd_model, entry[1]):
+    if entry is None or entry[1].bridge is None:
+        return
+    run = entry[1]
+    run.step, run.hires = int(getattr(d, "step", params.sampling_step)), bool(getattr(p, "is_hr_pass", False))
+    if run.unet_calls == 0 or bdm_forge.has_branch(shared.sd_model, run):
         return
     if not p.extra_generation_params.get("BDM error"):
         message = "BDM: not applied after the refiner switch (Forge loads the refiner without extensions' controls)"

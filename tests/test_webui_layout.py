@@ -265,5 +265,5 @@ def test_contexts_for_forge_rows(parts):
     run = BdmRun(bridge, bank, positive, negative)
     run.image_offset = 2  # second batch of two images
     got = run.contexts(chunked_row_roles([1, 0], 4))
-    want = bank.rows([bank.index[p] for p in (negative[2], negative[3], positive[2], positive[3])])
+    want = bank.rows([bank.slot(p) for p in (negative[2], negative[3], positive[2], positive[3])])
     assert torch.equal(got, want) and run.unet_calls == 1

@@ -104,6 +104,15 @@ def test_builtin_controlnet_with_bdm(forge, judge, refs):
     assert same(generate(forge, controlnet(0)), cn_only), "ControlNet alone changed after BDM was used"
 
 
+def test_prompt_editing_in_the_chinese_box_follows_forges_steps(forge, judge, refs):
+    """`[A:B:n]` in the Chinese box switches the context at the denoiser's step n of Forge's sampler: early
+    switch → B's colour, late switch → A's (the composition is fixed in the first steps)."""
+    edit = "[红色的圆形:蓝色的三角形:{}]"
+    early = judge(generate(forge, bdm(edit.format(1)), batch_size=4), 4)
+    late = judge(generate(forge, bdm(edit.format(BASE["steps"] - 1)), batch_size=4), 4)
+    assert rate(early["colour"], "blue") >= 0.75 and rate(late["colour"], "red") >= 0.75, (early, late)
+
+
 def test_hires_fix_both_passes_get_the_branch(forge, judge, refs):
     # (Forge's API needs hr_additional_modules for a hires pass: it fails on None)
     hr = dict(enable_hr=True, hr_scale=2, hr_second_pass_steps=4, hr_upscaler="Latent", denoising_strength=0.6,
