@@ -2,8 +2,9 @@
 
 Variants, interleaved per repeat, medians reported, same weights everywhere:
 - backbone: the SD1.x UNet alone on the CFG pair;
-- ours: backbone + BDM branch through `bdm.attach` (hooks);
-- shared: the same, with the backbone's input blocks computed once per CFG pair (equal English prompts);
+- ours: backbone + BDM branch, its residuals passed to the UNet's forward (`bdm.generate`'s way);
+- shared: the same, with the backbone's encoder half computed once per CFG pair (equal English prompts);
+- hooks: backbone + BDM branch through `bdm.attach` (the WebUI's way, for UNets the project does not own);
 - official: diffusers' `UNet2DConditionModel` + `ControlNetModel` residuals, the hint encoder skipped as
   the official `ControlNetModelBDM` does.
 Peak memory per variant: CUDA's allocator statistics on a GPU; on a CPU the process's peak resident
@@ -128,19 +129,21 @@ def main(argv=None) -> int:
         return unet(x, t, context=en)
 
     def ours():
-        with attach(unet, bridge, cn):
-            return unet(x, t, context=en)
+        return unet(x, t, en, residuals=bridge(x, t, cn))
 
     def shared():
+        return unet(x, t, en, residuals=bridge(x, t, cn), encoder_copies=2)
+
+    def hooks():
         with attach(unet, bridge, cn):
-            return unet(x, t, context=en, encoder_copies=2)
+            return unet(x, t, context=en)
 
     def official():
         down, mid = peer_cn(x, t, encoder_hidden_states=cn, controlnet_cond=hint, return_dict=False)
         return peer_unet(x, t, encoder_hidden_states=en, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
 
-    variants = {"backbone": backbone, "ours": ours, "shared": shared, "official": official}
+    variants = {"backbone": backbone, "ours": ours, "shared": shared, "hooks": hooks, "official": official}
     times = {name: [] for name in variants}
     peaks = {}
     with torch.no_grad():
@@ -161,13 +164,13 @@ def main(argv=None) -> int:
     scale = outputs["official"].float().abs().max().item()
     print(f"config {args.config}, {args.width}x{args.height}, {args.batch} image(s) = {rows} UNet rows, "
           f"{args.device} {args.dtype}, {args.repeats} interleaved repeats")
-    for name in ("ours", "shared"):
+    for name in ("ours", "shared", "hooks"):
         diff = (outputs[name].float() - outputs["official"].float()).abs().max().item()
         print(f"  max |ε_{name} − ε_official| = {diff:.2e} (|ε| ≤ {scale:.2e})")
     med = {name: statistics.median(v) for name, v in times.items()}
     for name in variants:
         print(f"{name:>9}: {med[name] * 1000:9.1f} ms/step (median)   peak {peaks[name]:8.1f} MiB")
-    print(f"RATIOS ours/backbone={med['ours'] / med['backbone']:.2f} shared/backbone="
-          f"{med['shared'] / med['backbone']:.2f} ours/official={med['ours'] / med['official']:.2f} "
-          f"shared/official={med['shared'] / med['official']:.2f}")
+    print(f"RATIOS ours/backbone={med['ours'] / med['backbone']:.2f} "
+          f"shared/backbone={med['shared'] / med['backbone']:.2f} hooks/ours={med['hooks'] / med['ours']:.2f} "
+          f"ours/official={med['ours'] / med['official']:.2f} shared/official={med['shared'] / med['official']:.2f}")
     return 0

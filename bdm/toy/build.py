@@ -418,7 +418,6 @@ def train_lora(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed:
 
 def train_controlnet(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
     from ..bridge import Bridge
-    from ..train.model import backbone_eps
     torch.manual_seed(seed + 5)
     control = Bridge.from_backbone(unet, hint_channels=3).train()
     rows = torch.tensor(english_rows(pool))
@@ -432,8 +431,7 @@ def train_controlnet(unet, text, pool: Pool, steps: Steps, gen: torch.Generator,
 
     def eps_fn(z_t, t, extra):
         ctx, hint = extra
-        down, mid = control(z_t, t, ctx, hint=hint)
-        return backbone_eps(unet, z_t, t, ctx, down, mid)  # what bdm.attach computes, frozen backbone
+        return unet(z_t, t, ctx, residuals=control(z_t, t, ctx, hint=hint))  # the frozen backbone
 
     ema = diffusion_loop("ControlNet", steps.controlnet, list(control.parameters()), 1e-3, sample_batch, eps_fn,
                          gen, control, 0.995, warmup=50)
