@@ -138,7 +138,7 @@ def test_bucket_options_are_checked(tmp_path, tmp_path_factory):
     import pytest
 
     from bdm.train import Trainer
-    from tests.test_train_data import write_shards
+    from tests.util import write_shards
     ckpt = shared_backbone(tmp_path_factory)
     write_shards(tmp_path / "shards", 1, 2)
     with pytest.raises(ValueError, match="--aspect-buckets works with file/folder datasets"):

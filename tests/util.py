@@ -65,3 +65,38 @@ def tiny_sd_parts(seed: int = 0):
     text = EnglishTextEncoder(transformers.CLIPTextModel(text_config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))).eval()
     return unet, vae, text
+
+
+def write_shards(folder: Path, n_shards: int, per_shard: int, bad: bool = False) -> list[str]:
+    """WebDataset .tar shards of tiny images (png/jpg/webp) with .txt or .json captions; `bad`: an empty
+    image and a record without caption per shard."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, k = [], 0
+    for s in range(n_shards):
+        path = folder / f"{s:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"{k:09d}"
+                k += 1
+                ext, image = ("webp", None) if i % 3 == 2 else ("jpg" if i % 2 else "png", None)
+                buf = io.BytesIO()
+                Image.new("RGB", (10, 8), (k % 255, 0, 0)).save(buf, format={"jpg": "JPEG", "png": "PNG",
+                                                                              "webp": "WEBP"}[ext])
+                members = {f"{key}.{ext}": buf.getvalue()}
+                members[f"{key}.txt" if i % 2 else f"{key}.json"] = (
+                    f"第{k}".encode() if i % 2 else json.dumps({"caption": f"第{k}"}).encode())
+                if bad and i == 1:
+                    members[f"{key}.{ext}"] = b""
+                if bad and i == 2:
+                    members = {f"{key}.{ext}": buf.getvalue()}  # no caption
+                for name, content in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+        paths.append(str(path))
+    return paths

@@ -50,13 +50,19 @@ class SkippedHint(nn.Module):
         return cond.new_zeros(cond.shape[0], self.channels, cond.shape[2] // 8, cond.shape[3] // 8)
 
 
+PROC_STATUS = Path("/proc/self/status")
+
+
 class PeakMemory:
-    """Peak memory of a block of work, in MiB."""
+    """Peak memory of a block of work, in MiB (NaN on a CPU without Linux's /proc: Windows, macOS)."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.peak = float("nan")
 
     def __enter__(self):
+        if self.device.type == "cpu" and not PROC_STATUS.is_file():
+            return self
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -74,12 +80,12 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
-        else:
+        elif PROC_STATUS.is_file():
             self.peak = (self._rss("VmHWM") - self.base) / 2 ** 20
 
     @staticmethod
     def _rss(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in PROC_STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"no {field} in /proc/self/status")

@@ -5,7 +5,6 @@ import contextlib
 import json
 import math
 import random
-import resource
 import sys
 import time
 from collections import Counter
@@ -82,10 +81,22 @@ def make_scaler(mixed_precision: str, device: torch.device):
         return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")
 
 
-def peak_memory_gb(device: torch.device) -> float:
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The run's peak memory in GiB: CUDA's allocator on a GPU; on a CPU the process's peak resident
+    memory (POSIX getrusage, or psutil's peak working set on Windows); None where neither is available."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:
+        import resource  # POSIX only: imported here, so the trainer starts on Windows too
+    except ImportError:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # Windows
+        return peak / 2**30 if peak is not None else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -464,7 +475,8 @@ class Trainer:
                 mem = peak_memory_gb(self.device)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                sps=f"{window_steps * global_batch / max(elapsed, 1e-9):.1f}", mem=f"{mem:.2f}G",
+                                sps=f"{window_steps * global_batch / max(elapsed, 1e-9):.1f}",
+                                mem="n/a" if mem is None else f"{mem:.2f}G",
                                 refresh=False)
                 if self.step % max(1, c.log_every) == 0 or self.step == self.total_steps:
                     total_loss, n, skipped = dist.sum([window_loss, window_steps, sum(self.skipped.values())])
@@ -478,7 +490,7 @@ class Trainer:
                             f.write(json.dumps(record) + "\n")
                         if self.tb is not None:
                             for k, v in record.items():
-                                if k != "step":
+                                if k != "step" and v is not None:
                                     self.tb.add_scalar(f"train/{k}", v, self.step)
                     window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
                 if c.validation_every and self.step % c.validation_every == 0:
