@@ -103,6 +103,7 @@ def test_webdataset_split_across_ranks_and_workers_without_duplicates(tmp_path, 
     shards = write_shards(tmp_path, n_shards, 6)
     assert D.list_shards(str(tmp_path)) == shards
     assert D.list_shards(str(tmp_path / "{00000..00001}.tar")) == shards[:2]
+    assert D.list_shards(str(tmp_path / "{00001,00000}.tar")) == [shards[1], shards[0]]  # WebDataset lists too
     world, workers = 2, 2
     seen = []
     for rank in range(world):

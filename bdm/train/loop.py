@@ -19,7 +19,8 @@ from .config import TrainConfig, config_json
 from .distributed import Dist, setup
 from .ema import EMA
 from ..formats.files import materialize
-from .model import BridgeTrainingModel, NoiseSchedule, compiled_loss, freeze
+from .model import BridgeTrainingModel, compiled_loss, freeze
+from .schedules import NoiseSchedule, lr_factor
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -40,20 +41,6 @@ def load_chinese_encoder(spec: str):
     from ..formats.bdm_file import load_bdm
     bridge = load_bdm(path, with_text_encoder=True)
     return bridge.text_encoder
-
-
-def lr_factor(step: int, config: TrainConfig, total: int) -> float:
-    """Warm-up then constant / cosine / linear, as a multiple of the peak learning rate."""
-    if config.lr_warmup_steps and step < config.lr_warmup_steps:
-        return (step + 1) / config.lr_warmup_steps
-    if config.lr_schedule == "constant":
-        return 1.0
-    span = max(1, total - config.lr_warmup_steps)
-    progress = min(1.0, (step - config.lr_warmup_steps) / span)
-    low = config.min_lr_ratio
-    if config.lr_schedule == "cosine":
-        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
-    return low + (1 - low) * (1 - progress)
 
 
 def make_optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -324,7 +311,7 @@ class Trainer:
         if self.data_kind != "shards":
             return self.dataset_size
         if not hasattr(self, "_shard_count"):
-            self._shard_count = sum(1 for shard in self.shards for _ in D._records(shard))
+            self._shard_count = sum(1 for shard in self.shards for _ in D.shard_records(shard))
         return self._shard_count
 
     # -- state ------------------------------------------------------------------------------------
@@ -423,8 +410,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+        factor = lr_factor(self.step, self.total_steps, c.lr_warmup_steps, c.lr_schedule, c.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = c.learning_rate * lr_factor(self.step, c, self.total_steps)
+            group["lr"] = c.learning_rate * factor
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -27,20 +27,6 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-class NoiseSchedule:
-    """SD1.5's training schedule (scaled-linear β, 1000 steps): q(z_t | z_0)."""
-
-    def __init__(self, device=None):
-        from ..sampling import sd1_alphas_cumprod
-        ac = sd1_alphas_cumprod().to(device)
-        self.num_timesteps = ac.shape[0]
-        self.sqrt_ac, self.sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
-
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (z0.ndim - 1)
-        return (self.sqrt_ac[t].view(shape) * z0.float() + self.sqrt_1m_ac[t].view(shape) * noise.float())
-
-
 class BridgeTrainingModel(nn.Module):
     """What one training step runs; only `bridge` has trainable parameters.
 
