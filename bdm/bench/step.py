@@ -8,12 +8,17 @@ Variants, interleaved per repeat, medians reported, same weights everywhere:
 - official: diffusers' `UNet2DConditionModel` + `ControlNetModel` residuals, the hint encoder skipped as
   the official `ControlNetModelBDM` does.
 Peak memory per variant: CUDA's allocator statistics on a GPU; on a CPU the process's peak resident
-memory (VmHWM, reset through /proc/self/clear_refs before each measurement).
+memory (VmHWM, reset through /proc/self/clear_refs before each measurement). With `--processes N` the
+whole measurement runs in N fresh processes one after another, each printing its own lines, and the
+last line gives the median of their ratios (steadier on a machine shared with other work).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,7 +123,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run the measurement in N fresh processes and report the median of their ratios")
     args = parser.parse_args(argv)
+    if args.processes > 1:
+        return across_processes(argv if argv is not None else sys.argv[1:], args.processes)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     cfg, cn_dim, (unet, bridge, peer_unet, peer_cn) = build(args.config, device, dtype)
@@ -176,7 +185,26 @@ def main(argv=None) -> int:
     med = {name: statistics.median(v) for name, v in times.items()}
     for name in variants:
         print(f"{name:>9}: {med[name] * 1000:9.1f} ms/step (median)   peak {peaks[name]:8.1f} MiB")
-    print(f"RATIOS ours/backbone={med['ours'] / med['backbone']:.2f} "
-          f"shared/backbone={med['shared'] / med['backbone']:.2f} hooks/ours={med['hooks'] / med['ours']:.2f} "
-          f"ours/official={med['ours'] / med['official']:.2f} shared/official={med['shared'] / med['official']:.2f}")
+    ratios = {"ours/backbone": med["ours"] / med["backbone"], "shared/backbone": med["shared"] / med["backbone"],
+              "hooks/ours": med["hooks"] / med["ours"], "ours/official": med["ours"] / med["official"],
+              "shared/official": med["shared"] / med["official"]}
+    print("RATIOS " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    return 0
+
+
+def across_processes(argv: list[str], processes: int) -> int:
+    """The bench in `processes` fresh processes, one after another; their output, then the median ratios."""
+    argv = [a for i, a in enumerate(argv) if a != "--processes" and (i == 0 or argv[i - 1] != "--processes")]
+    argv = [a for a in argv if not a.startswith("--processes=") and a != "step"]
+    runs = []
+    for i in range(processes):
+        out = subprocess.run([sys.executable, "-m", "bdm.bench", "step", *argv], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stdout + out.stderr, file=sys.stderr)
+            return out.returncode
+        print(f"-- process {i + 1} of {processes}\n{out.stdout.rstrip()}", flush=True)
+        line = next(line for line in out.stdout.splitlines() if line.startswith("RATIOS "))
+        runs.append({k: float(v) for k, v in re.findall(r"(\S+)=([\d.]+)", line)})
+    print(f"MEDIAN of {processes} processes: RATIOS "
+          + " ".join(f"{k}={statistics.median(r[k] for r in runs):.2f}" for k in runs[0]))
     return 0
