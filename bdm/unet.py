@@ -299,7 +299,7 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
-    def forward(self, x, timesteps=None, context=None, residuals: Residuals | None = None,
+    def forward(self, x, timesteps=None, context=None, *, residuals: Residuals | None = None,
                 encoder_copies: int = 1, checkpoint_decoder: Collection[int] = (), **kwargs):
         """ε for `x` at `timesteps` under text `context`.
 
