@@ -208,3 +208,31 @@ def test_unet_config_from_shapes_and_yaml(tmp_path, unet):
     loaded = load_unet(path)
     assert loaded.config == SMALL
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in unet.state_dict().items())
+
+
+@torch.no_grad()
+def test_a_lora_trained_by_the_toy_build_is_the_lora_its_file_applies(tmp_path, unet):
+    """One LoRA parametrisation: the toy's trainable `LoraLinear` layers (Linear and 1×1 conv), written by
+    `lora_tensors` as a kohya file, merged back by `apply_loras`, give the wrapped UNet's output."""
+    import copy
+
+    from bdm.formats.files import save_safetensors
+    from bdm.formats.lora import apply_loras, lora_tensors
+    from bdm.toy.models import add_loras
+    torch.manual_seed(0)
+    wrapped = copy.deepcopy(unet)
+    loras = add_loras(wrapped, rank=4, alpha=2.0)
+    assert {type(lora.base) for lora in loras.values()} == {torch.nn.Linear, torch.nn.Conv2d}
+    for lora in loras.values():
+        lora.up.normal_(0, 0.05)
+    path = save_safetensors(tmp_path / "lora.safetensors",
+                            lora_tensors(SMALL, {name: lora.layer for name, lora in loras.items()}))
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 5, SMALL.context_dim)
+    plain = unet(x, t, ctx)
+    patch = apply_loras(unet, None, [(path, 1.0)])
+    try:
+        merged = unet(x, t, ctx)
+    finally:
+        patch.remove()
+    assert (merged - plain).abs().max() > 1e-3
+    assert torch.allclose(merged, wrapped(x, t, ctx), atol=1e-5, rtol=1e-4)
