@@ -115,7 +115,7 @@ def make_broken_files(a1111_dir: str | Path) -> list[Path]:
 SD15_CHECKPOINT = "bdm-test-sd15"
 SD15_CONTROLNET = "bdm-test-sd15-control"
 SD15_BDM = "bdm-test-sd15-bdm"
-SD15_VERSION = "1"  # bump to rebuild the cached files
+SD15_VERSION = "2"  # bump to rebuild the cached files
 
 
 def sd15_files(a1111_dir: str | Path) -> dict:
@@ -155,6 +155,8 @@ def make_sd15_world(a1111_dir: str | Path) -> dict:
     with torch.device("meta"):
         unet = UNetModel(SD15)
     unet = randomize_(unet.to_empty(device="cpu"), seed=15).eval()
+    with torch.no_grad():
+        unet.out[2].weight.mul_(10)  # ε of unit scale (randomize_ gives ~0.1): the image follows the UNet
 
     def small_zero_convs(bridge, seed):
         g = torch.Generator().manual_seed(seed)
@@ -163,7 +165,7 @@ def make_sd15_world(a1111_dir: str | Path) -> dict:
             if bridge.input_hint_block is not None:
                 convs.append(bridge.input_hint_block[-1])
             for conv in convs:
-                conv.weight.copy_(0.2 * torch.randn(conv.weight.shape, generator=g) / conv.weight.shape[1] ** 0.5)
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / conv.weight.shape[1] ** 0.5)
                 conv.bias.copy_(0.02 * torch.randn(conv.bias.shape, generator=g))
         return bridge
 
