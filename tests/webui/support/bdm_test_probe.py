@@ -124,6 +124,7 @@ def on_cfg_denoiser(params):
 
 def state() -> dict:
     session = bdm_session()
+    started = probe["started"]  # before the run: `process` sets the run, then counts it
     run = _current["run"]
     last = dict(probe["last"], unet_calls=run.unet_calls if run is not None else 0)
     bridges = [{"name": entry.name, "digest": digest(b), "encoder_digest": digest(b.text_encoder),
@@ -131,7 +132,7 @@ def state() -> dict:
                 "dtype": str(next(b.parameters()).dtype), "device": str(next(b.parameters()).device)}
                for entry, b in session.manager.loaded()]
     return {"runs": session.open_runs(), "unet_hooks": hook_counts(current_unet()), "bridges": bridges,
-            "last": last, "started": probe["started"], "bdm_first": probe["bdm_first"],
+            "last": last, "started": started, "bdm_first": probe["bdm_first"],
             "cache": {"size": len(session.cache), "hits": session.cache.hits, "misses": session.cache.misses}}
 
 
