@@ -21,7 +21,8 @@ def main(argv=None) -> int:
                         help="Hugging Face ChineseCLIPModel folder (config.json + model.safetensors / pytorch_model.bin)")
     parser.add_argument("-o", "--output", required=True, help="the BDM file to write (.safetensors)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
-                        help="storage precision of the written file (default fp16, as released)")
+                        help="storage precision of the branch (default fp16, as released); the Chinese "
+                             "encoder is always stored in fp32, as the official inference runs it")
     args = parser.parse_args(argv)
     if not args.output.endswith(".safetensors"):
         raise ValueError(f"{args.output}: the output must be a .safetensors file")

@@ -18,6 +18,10 @@ from .formats.files import short_hash
 from .infotext import format_infotext
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Defaults a preset changes; flags given on the command line still win. "official": the official BDM1.0
+# `inference.py` (diffusers' DPM-Solver on its own schedule, 50 steps, CFG 7.5), whose noise comes from
+# one CPU generator for the whole batch (its Chinese token layout is everyone's default).
+PRESETS = {"official": {"sampler": "DPM++ 2M (official)", "steps": 50, "cfg": 7.5}}
 
 
 def toy_weights() -> tuple[Path, Path]:
@@ -31,9 +35,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bdm.generate", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-o", "--output", required=True, help="PNG path; batches get _0, _1 … suffixes")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="official: the same picture for the same seed as the official BDM1.0 inference.py run "
+                        "on a CPU (its DPM-Solver, 50 steps, CFG 7.5 unless given, the batch's noise from one "
+                        "generator seeded --seed); see docs/official-parity.md")
     g = p.add_argument_group("prompts (Chinese → the BDM branch, English → the backbone)")
-    g.add_argument("--prompt", default="", help="Chinese prompt; A1111 syntax (词:1.3), [词], BREAK")
-    g.add_argument("--negative", default="", help="Chinese negative prompt")
+    g.add_argument("--prompt", default="", help="Chinese prompt in the WebUI's syntax: (词:1.3), [词], BREAK, prompt editing "
+                   "[猫:狗:0.5] / [猫:狗:10] / [猫::5], alternation [红色|蓝色] (not AND)")
+    g.add_argument("--negative", default="", help="Chinese negative prompt (same syntax)")
     g.add_argument("--en-prompt", default="", help="English prompt: LoRA trigger words, embedding names, style")
     g.add_argument("--en-negative", default="", help="English negative prompt")
     g = p.add_argument_group("sampling")
@@ -41,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--sampler", default="Euler a", choices=list(SAMPLERS))
-    g.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i")
+    g.add_argument("--seed", type=int, default=0,
+                   help="image i of the batch uses seed + i (--preset official: the batch draws from one seed)")
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--width", type=int, default=None, help="default: 512, or 64 for the toy model")
     g.add_argument("--height", type=int, default=None)
@@ -63,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     g.add_argument("--chinese-device", default="cpu", help="device of the Chinese encoder (runs once per image)")
+    preset, _ = p.parse_known_args(argv)  # a preset changes the defaults; given flags stay as given
+    if preset.preset is not None:
+        p.set_defaults(**PRESETS[preset.preset])
     return p.parse_args(argv)
 
 
@@ -142,7 +155,8 @@ def main(argv=None) -> int:
     request = Request(prompt=args.prompt, negative_prompt=args.negative, en_prompt=args.en_prompt,
                       en_negative_prompt=args.en_negative, strength=args.strength, cfg_scale=args.cfg,
                       steps=args.steps, sampler=args.sampler, seed=args.seed, batch_size=args.batch,
-                      width=width, height=height, shared_encoder=not args.no_shared_encoder)
+                      width=width, height=height, shared_encoder=not args.no_shared_encoder,
+                      batch_noise=args.preset == "official")
     request.check()
 
     checkpoint = load_checkpoint(checkpoint_path)
@@ -170,8 +184,14 @@ def main(argv=None) -> int:
                        "BDM model": bdm_name,
                        "BDM model hash": short_hash(bdm_path) if Path(bdm_path).is_file() else None,
                        "BDM strength": args.strength})
+    if args.preset is not None:
+        params["BDM preset"] = args.preset
     for i, (image, path) in enumerate(zip(images, paths)):
-        params["Seed"] = args.seed + i
+        if args.preset == "official":  # one seed for the batch: the image is fixed by seed and position
+            params.update({"Seed": args.seed, "Batch size": args.batch if args.batch > 1 else None,
+                           "Batch pos": i if args.batch > 1 else None})
+        else:
+            params["Seed"] = args.seed + i
         save_png(image, path, format_infotext(args.en_prompt, args.en_negative, dict(params)))
         print(f"wrote {path}")
     return 0

@@ -40,6 +40,7 @@ class Request:
     width: int = 512
     height: int = 512
     shared_encoder: bool = True
+    batch_noise: bool = False  # one CPU generator for the whole batch (diffusers, the official BDM script)
 
     def check(self, latent_factor: int = 8) -> None:
         if self.sampler not in SAMPLERS:
@@ -50,6 +51,8 @@ class Request:
         if self.width % latent_factor or self.height % latent_factor:
             raise ValueError(f"width and height must be multiples of {latent_factor}, "
                              f"got {self.width}x{self.height}")
+        from .text.prompt_schedule import schedule_prompts
+        schedule_prompts([self.prompt], [self.negative_prompt], self.steps)  # refuses AND before any loading
 
 
 @dataclass
@@ -62,10 +65,37 @@ class Control:
     name: str = ""
 
 
+def chinese_contexts(encoder, request: Request):
+    """`step -> [2B, L, H]`: the Chinese contexts (cond rows, then uncond rows) at a sampling step, every
+    text of the prompts' schedules encoded once beforehand."""
+    from .text.prompt_schedule import schedule_prompts
+    from .webui.context import ContextBank
+    schedules = schedule_prompts([request.prompt], [request.negative_prompt], request.steps)
+    bank = ContextBank(encoder, schedules.all())
+    slots = [bank.slot(schedules.positive[0])] * request.batch_size + \
+        [bank.slot(schedules.negative[0])] * request.batch_size
+    return lambda step: bank.rows(slots, step)
+
+
 def row_generators(seed: int, rows: int) -> list[torch.Generator]:
     """One CPU generator per image, seeded seed + i, drawing its initial and ancestral noise — the
     WebUI's CPU RNG, so a seed gives the same image on every device and in every batch position."""
     return [torch.Generator().manual_seed(seed + i) for i in range(rows)]
+
+
+def initial_noise(seed: int, rows: int, shape: tuple[int, ...], batch_noise: bool = False):
+    """Unit start noise [rows, *shape] and the generator(s) that continue with the ancestral noise.
+
+    Per image (default): `row_generators`, the WebUI's way. `batch_noise`: one CPU generator seeded
+    `seed` draws the whole batch at once, as diffusers' pipelines — and so the official BDM
+    `inference.py` — do (`randn([B, 4, H/8, W/8], generator=torch.Generator("cpu").manual_seed(seed))`);
+    image i then depends on its batch position.
+    """
+    if batch_noise:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn((rows, *shape), generator=generator), generator
+    generators = row_generators(seed, rows)
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
 
 
 def to_images(decoded: torch.Tensor) -> list[Image.Image]:
@@ -104,12 +134,14 @@ class Pipeline:
         return self.checkpoint.vae.config.downscale
 
     def encode_prompts(self, request: Request):
-        """English contexts for the backbone and Chinese contexts for the branch, cond rows then uncond."""
+        """English contexts for the backbone, and the Chinese contexts for the branch: a function of the
+        sampling step giving cond rows then uncond rows (prompt editing `[猫:狗:0.5]`, `[红|蓝]` as in the
+        WebUI), or None without a branch."""
         b = request.batch_size
         english = self.checkpoint.text_encoder.encode([request.en_prompt] * b + [request.en_negative_prompt] * b)
         chinese = None
         if self.bridge is not None:
-            chinese = self.bridge.text_encoder.encode([request.prompt] * b + [request.negative_prompt] * b)
+            chinese = chinese_contexts(self.bridge.text_encoder, request)
         return english.to(self.device, self.dtype), chinese
 
     @torch.no_grad()
@@ -118,20 +150,22 @@ class Pipeline:
         english, chinese = self.encode_prompts(request)
         shared = request.shared_encoder and request.en_prompt == request.en_negative_prompt
         copies = 2 if shared else 1
+        step = [0]  # model evaluations so far: the WebUI's CFGDenoiser.step, which picks scheduled prompts
 
         def cfg_model(x, sigma):
             out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=english,
                                 encoder_copies=copies)
+            step[0] += 1
             cond, uncond = out.chunk(2)
             return uncond + request.cfg_scale * (cond - uncond)
 
         f = self.latent_factor
-        generators = row_generators(request.seed, request.batch_size)
-        noise = torch.stack([torch.randn((4, request.height // f, request.width // f), generator=g)
-                             for g in generators])
+        noise, generators = initial_noise(request.seed, request.batch_size,
+                                          (4, request.height // f, request.width // f), request.batch_noise)
         with contextlib.ExitStack() as stack:
             if self.bridge is not None and request.strength != 0:
-                stack.enter_context(attach(self.checkpoint.unet, self.bridge, chinese, request.strength))
+                stack.enter_context(attach(self.checkpoint.unet, self.bridge, lambda x, t, en: chinese(step[0]),
+                                           request.strength))
             for control in self.controls:
                 hint = control.image.to(self.device, self.dtype)
                 stack.enter_context(attach(self.checkpoint.unet, control.model, lambda x, t, en: en,

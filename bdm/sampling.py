@@ -16,10 +16,15 @@ Schedules (all end in 0 except DDIM's, see below):
 * "ddim": the DDIM timesteps t = i·(1000//n) + 1 ("leading" spacing, `steps_offset=1`) and a last
   step to ᾱ₀ rather than to 0 (`set_alpha_to_one=False`) — SD1's DDIMScheduler config, and the original
   LDM DDIMSampler. (A1111 ≥ 1.6 runs only n-1 of these steps, ending at t = 1.)
+* "dpm-solver": what the official BDM `inference.py` gets from diffusers 0.24's
+  `DPMSolverMultistepScheduler.from_config(<SD1 scheduler config>)`: n integer timesteps
+  round(i·999/n) from 999 down ("linspace" spacing; t = 0 itself is never evaluated), then σ(t=0), not 0
+  (diffusers ≥ 0.25 `final_sigmas_type="sigma_min"`; their new default "zero" gives other pictures).
 
-diffusers' DDIM and DPM-Solver work in "VP" space: x_vp = x_ve / √(1+σ²). `sample()` starts DDIM from
-noise·√(1+σ_max²) and returns its result in VP scaling, so `sample("DDIM", …)` is DDIM bit for bit;
-the other samplers start from noise·σ_max (k-diffusion/A1111) and end at σ = 0, where VE = VP.
+diffusers' DDIM and DPM-Solver work in "VP" space: x_vp = x_ve / √(1+σ²). `sample()` starts those two
+(`VP_SCHEDULES`) from unit VP noise — noise·√(1+σ_max²) in VE — and returns their result in VP scaling,
+as diffusers' pipelines do (`init_noise_sigma` = 1); the other samplers start from noise·σ_max
+(k-diffusion/A1111) and end at σ = 0, where VE = VP.
 """
 from __future__ import annotations
 
@@ -105,6 +110,15 @@ class EpsDenoiser(nn.Module):
         t = torch.arange(n - 1, -1, -1, device=self.sigmas.device) * step + 1
         return torch.cat([self.sigmas[t], self.sigmas[:1]])
 
+    def get_sigmas_dpm_solver(self, n: int) -> torch.Tensor:
+        """σ at diffusers' "linspace" integer timesteps round(i·999/n), i = n … 1, then σ(t=0): see module doc.
+
+        Rounded like numpy's `linspace(0, 999, n + 1).round()` (half to even), which diffusers uses.
+        """
+        last = len(self.sigmas) - 1
+        t = (torch.arange(n, 0, -1, dtype=torch.float64) * (last / n)).round().long().to(self.sigmas.device)
+        return torch.cat([self.sigmas[t], self.sigmas[:1]])
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
@@ -117,7 +131,9 @@ SCHEDULES: dict[str, Callable[[EpsDenoiser, int], torch.Tensor]] = {
     "automatic": lambda denoiser, n: denoiser.get_sigmas(n),
     "karras": lambda denoiser, n: denoiser.get_sigmas_karras(n),
     "ddim": lambda denoiser, n: denoiser.get_sigmas_ddim(n),
+    "dpm-solver": lambda denoiser, n: denoiser.get_sigmas_dpm_solver(n),
 }
+VP_SCHEDULES = ("ddim", "dpm-solver")  # diffusers' schedulers: unit VP noise in, VP latents out
 
 
 def _noise(x: torch.Tensor, generator) -> torch.Tensor:
@@ -170,9 +186,9 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, gen
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, generator=None):
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, generator=None, first_order_last=False):
     """DPM-Solver++(2M) (Lu et al. 2022) in k-diffusion's form: second-order multistep in λ = -log σ,
-    first order on the first step and on the step to σ = 0."""
+    first order on the first step and on the step to σ = 0 (and on the last step if `first_order_last`)."""
     extra_args = extra_args or {}
     sigmas = sigmas.to(x.device)
     old_denoised = None
@@ -180,7 +196,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, generator=
         denoised = model(x, _row(sigmas[i], x), **extra_args)
         t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
         h = t_next - t
-        if old_denoised is None or sigmas[i + 1] == 0:
+        if old_denoised is None or sigmas[i + 1] == 0 or (first_order_last and i == len(sigmas) - 2):
             d = denoised
         else:
             r = (t + sigmas[i - 1].log()) / h  # h_last / h, with h_last = t - (-log σ_{i-1})
@@ -190,6 +206,14 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, generator=
         if callback is not None:
             callback(i + 1, len(sigmas) - 1)
     return x
+
+
+def sample_dpmpp_2m_official(model, x, sigmas, extra_args=None, callback=None, generator=None):
+    """The official BDM inference's sampler: diffusers 0.24's `DPMSolverMultistepScheduler` with its
+    defaults (DPM-Solver++, order 2, "midpoint", `lower_order_final`) on the "dpm-solver" schedule.
+    That is DPM++ 2M, whose step to σ(t=0) stays second order except below 15 steps."""
+    return sample_dpmpp_2m(model, x, sigmas, extra_args, callback, generator,
+                           first_order_last=len(sigmas) - 1 < 15)
 
 
 @torch.no_grad()
@@ -215,6 +239,7 @@ SAMPLERS: dict[str, tuple[Callable, str]] = {
     "DPM++ 2M": (sample_dpmpp_2m, "automatic"),
     "DPM++ 2M Karras": (sample_dpmpp_2m, "karras"),
     "DDIM": (sample_ddim, "ddim"),
+    "DPM++ 2M (official)": (sample_dpmpp_2m_official, "dpm-solver"),  # `generate --preset official`
 }
 
 
@@ -233,7 +258,7 @@ def sample(name: str, denoiser: Callable, noise: torch.Tensor, steps: int, sigma
     fn, schedule = SAMPLERS[name]
     table = sigma_schedule if sigma_schedule is not None else denoiser
     sigmas = SCHEDULES[schedule](table, steps).to(noise.device)
-    if schedule == "ddim":  # DDIM starts from VP noise and returns VP latents
+    if schedule in VP_SCHEDULES:
         x = noise * math.sqrt(1 + sigmas[0].item() ** 2)
         x = fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, generator=generator)
         return x / math.sqrt(1 + sigmas[-1].item() ** 2)

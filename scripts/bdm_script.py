@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 
 from modules import devices, paths, script_callbacks, scripts, shared  # noqa: E402
 
+from bdm.text.prompt_schedule import schedule_prompts  # noqa: E402
 from bdm.webui import infotext as bdm_infotext  # noqa: E402
 from bdm.webui import xyz as bdm_xyz  # noqa: E402
 from bdm.webui.api_args import ArgsError, parse_script_args  # noqa: E402
@@ -123,6 +124,28 @@ def model_refusal(sd_model):
     return unet_refusal(getattr(getattr(sd_model, "model", None), "diffusion_model", None),
                         is_sdxl=getattr(sd_model, "is_sdxl", False), is_sd2=getattr(sd_model, "is_sd2", False),
                         is_sd3=getattr(sd_model, "is_sd3", False), custom_unet=custom)
+
+
+def chinese_schedules(p, positive, negative):
+    """The Chinese prompts' schedules (prompt editing, alternation) for the first pass and, with hires
+    fix, the second: the WebUI's own parser with the step counts it uses for the English prompt
+    (`StableDiffusionProcessing.setup_conds`, `StableDiffusionProcessingTxt2Img.calculate_hr_conds`)."""
+    from modules import prompt_parser, sd_samplers
+
+    def total_steps(sampler_name, steps):
+        config = sd_samplers.find_sampler_config(sampler_name)
+        return config.total_steps(steps) if config else steps
+
+    old = bool(opt("use_old_scheduling", False))
+    steps = total_steps(p.sampler_name, p.steps)
+    first = schedule_prompts(positive, negative, steps, None, old, parser=prompt_parser)
+    hires = None
+    if getattr(p, "enable_hr", False):
+        hires_steps = total_steps(p.hr_sampler_name or p.sampler_name, p.hr_second_pass_steps or p.steps)
+        hires = schedule_prompts(positive, negative, steps, hires_steps, old, parser=prompt_parser)
+    if old and first != schedule_prompts(positive, negative, steps, None, False, parser=prompt_parser):
+        p.extra_generation_params["Old prompt editing timelines"] = True  # as the WebUI marks English ones
+    return first, hires
 
 
 def remember_last_used(title: str) -> None:
@@ -265,7 +288,8 @@ class BdmScript(scripts.Script):
         try:
             run = session.begin(p, a, refresh_models(), getattr(getattr(sd_model, "model", None), "diffusion_model", None),
                                 model_refusal(sd_model), max(1, len(getattr(p, "all_prompts", None) or [""])),
-                                settings, devices.device, devices.dtype_unet, log=lambda m: warn_user(p, m))
+                                settings, devices.device, devices.dtype_unet, log=lambda m: warn_user(p, m),
+                                schedules=lambda positive, negative: chinese_schedules(p, positive, negative))
         except BdmError as e:
             return self._failed(p, e, stop=session.stops(a, settings))
         except Exception as e:  # noqa: BLE001 - an unexpected failure is still a failure the user must see
@@ -316,7 +340,8 @@ def on_cfg_denoiser(params):
     run.image_offset = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
     run.denoiser_call(params.x, rows_of(params.text_cond), rows_of(params.text_uncond), getattr(cond, "batch", None),
                       d.inner_model, getattr(getattr(sd_model, "model", None), "diffusion_model", None),
-                      model_refusal(sd_model))
+                      model_refusal(sd_model), step=getattr(d, "step", params.sampling_step),
+                      hires=bool(getattr(p, "is_hr_pass", False)))
 
 
 def on_ui_settings():

@@ -3,6 +3,8 @@ keeps + trainable state): the lean frozen convolutions alone keep it below the p
 frozen decoder lowers it further."""
 import re
 
+import pytest
+
 from bdm.bench.train import main
 
 
@@ -17,6 +19,7 @@ def _ratios(capsys, *extra):
     return float(m[1]), float(m[2])
 
 
+@pytest.mark.slow
 def test_bench_train_memory_lower_than_the_peer_and_lower_still_with_recompute(capsys):
     _, mem_default = _ratios(capsys)
     _, mem_recompute = _ratios(capsys, "--checkpoint-backbone", "3")

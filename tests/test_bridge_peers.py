@@ -1,7 +1,5 @@
 """The branch and its injection equal diffusers' ControlNetModel + UNet2DConditionModel residual path,
 on weights in the official BDM1.0 (diffusers) format; injection also works on the original ldm UNet."""
-import json
-
 import pytest
 import torch
 
@@ -10,27 +8,9 @@ from bdm.formats.controlnet import load_controlnet, save_controlnet
 from bdm.formats.diffusers_names import (diffusers_unet2d_config, diffusers_unet_config, ldm_to_diffusers)
 from bdm.unet import SMALL, UNetModel
 
-from .test_unet_peers import ldm_unet
-from .util import build_random, load_assigned, max_diff, randomize_
+from .util import CN_DIM, build_random, ldm_unet, load_assigned, make_official_dir, max_diff, oracle
 
-diffusers = pytest.importorskip("diffusers")
-CN_DIM = 96  # the Chinese encoder's width (1024 in BDM1.0), unlike the backbone's 64
-
-
-def make_official_dir(tmp_path, seed=11, context_dim=CN_DIM):
-    """A random diffusers ControlNetModel saved as the official BDM1.0 release is laid out."""
-    cfg = diffusers_unet_config(SMALL.with_context_dim(context_dim))
-    peer = randomize_(diffusers.ControlNetModel(**cfg), seed).eval()
-    torch.nn.init.zeros_(peer.controlnet_cond_embedding.conv_out.weight)  # BDM never runs the hint path
-    torch.nn.init.zeros_(peer.controlnet_cond_embedding.conv_out.bias)
-    out = tmp_path / "BDM1.0"
-    peer.save_pretrained(out, safe_serialization=True)
-    config = json.loads((out / "config.json").read_text())
-    config["_class_name"] = "ControlNetModelBDM"
-    (out / "config.json").write_text(json.dumps(config))
-    return out, peer
-
-
+diffusers = oracle("diffusers")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("official")

@@ -7,9 +7,9 @@ import yaml
 from bdm.formats.checkpoint import load_checkpoint, save_checkpoint, UNET_PREFIX
 from bdm.formats.files import read_state_dict
 
-from .util import tiny_sd_parts
+from .util import oracle, tiny_sd_parts
 
-openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+openaimodel = oracle("ldm.modules.diffusionmodules.openaimodel")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_yaml_builds_the_original_ldm_unet_and_it_loads_strictly(saved):
 
 
 def test_ldm_vae_loads_the_first_stage_strictly(saved):
-    model = pytest.importorskip("ldm.modules.diffusionmodules.model")
+    model = oracle("ldm.modules.diffusionmodules.model")
     path, _, vae, _ = saved
     dd = yaml.safe_load(path.with_suffix(".yaml").read_text())["model"]["params"]["first_stage_config"]["params"]
     enc, dec = model.Encoder(**dd["ddconfig"]), model.Decoder(**dd["ddconfig"])

@@ -1,11 +1,12 @@
-"""`bdm.text.clip`: the CLIP BPE tokenizer against transformers' `CLIPTokenizer` (built from the same
-shipped merges file, as open_clip builds its vocabulary), and `EnglishTextEncoder`'s A1111 prompt
+"""`bdm.text.clip`: the CLIP tokenizer (transformers' Rust BPE on the shipped vocabulary, after ftfy's
+deterministic fixes) against open_clip's pure-Python one (its own copy of OpenAI's merges, ftfy) and,
+under transformers 4.x, the WebUI's own Python `CLIPTokenizer`; and `EnglishTextEncoder`'s A1111 prompt
 handling against hand-built token sequences run through the plain transformers `CLIPTextModel`."""
 from __future__ import annotations
 
-import gzip
 import json
 import random
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,15 @@ from bdm.text.clip import (
     CHUNK_LENGTH,
     CLIPTokenizer,
     EnglishTextEncoder,
-    default_bpe_path,
+    tokenizer_dir,
     load_text_model,
     text_config,
     text_config_from_state_dict,
 )
 
-transformers = pytest.importorskip("transformers")
+from .util import oracle
+
+transformers = oracle("transformers")
 BDM_870 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "BDM_870.json"
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 BOS, EOS, COMMA = 49406, 49407, 267
@@ -51,32 +54,10 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def hf_tok(tmp_path_factory):
-    """transformers' Rust-backed CLIP tokenizer (`CLIPTokenizerFast` in 4.x, `CLIPTokenizer` in 5.x) from a
-    vocab.json + merges.txt made from the gz merges file. (4.x's Python `CLIPTokenizer` applies
-    `ftfy.fix_text` when ftfy is installed; see the `bdm.text.clip` docstring.)"""
-    try:
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-    except ImportError:  # transformers 4.x
-        from transformers.models.clip.tokenization_clip import bytes_to_unicode
-    with gzip.open(default_bpe_path()) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return getattr(transformers, "CLIPTokenizerFast", transformers.CLIPTokenizer).from_pretrained(str(folder))
-
-
-def test_tokenizer_constants(tok, hf_tok):
-    assert len(tok) == 49408 == len(hf_tok)
-    assert (tok.bos_token_id, tok.eos_token_id, tok.comma_token_id) == (BOS, EOS, COMMA)
-    assert tok.get_vocab() == hf_tok.get_vocab()
-    assert tok.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]  # well-known SD ids
-    assert tok.decode(tok.encode("A photo of a CAT")) == "a photo of a cat"
+def open_clip_tok():
+    """open_clip's pure-Python CLIP tokenizer (OpenAI's algorithm and BPE file): ftfy.fix_text, HTML
+    unescaping, whitespace, lower-case, BPE. Its two specials are spelled `<start_of_text>`/`<end_of_text>`."""
+    return oracle("open_clip.tokenizer").SimpleTokenizer()
 
 
 def bdm_870_english() -> list[str]:
@@ -86,25 +67,61 @@ def bdm_870_english() -> list[str]:
     return [row[4] for row in rows] + [row[2] for row in rows]
 
 
-def test_tokenizer_without_fixes_matches_transformers(hf_tok):
-    raw = CLIPTokenizer(fix_text=False)
-    texts = STRINGS + FIXABLE + random_strings(300) + bdm_870_english()
-    mismatches = [t for t in texts if raw.encode(t) != hf_tok(t, add_special_tokens=False)["input_ids"]]
-    assert not mismatches, mismatches[:5]
-
-
 FIXABLE = ["“quoted” ‘text’ ʼn", "ｆｕｌｌｗｉｄｔｈ　ＡＢＣ，１２３！", "红色的猫，蓝色的狗。", "ﬁne ﬂower ﬀ ĳ",
            "ｶﾀｶﾅ halfwidth", "a，b，c"]
 
 
-def test_tokenizer_matches_webui_tokenization(tok, hf_tok):
-    """The WebUI's tokenizer (transformers 4.x Python `CLIPTokenizer`) = ftfy.fix_text, then the same BPE."""
-    ftfy = pytest.importorskip("ftfy")
-    texts = STRINGS + FIXABLE + bdm_870_english()
-    mismatches = [t for t in texts
-                  if tok.encode(t) != hf_tok(ftfy.fix_text(t), add_special_tokens=False)["input_ids"]]
+def test_shipped_vocabulary_is_openais(tok, open_clip_tok):
+    assert len(tok) == 49408
+    assert (tok.bos_token_id, tok.eos_token_id, tok.comma_token_id) == (BOS, EOS, COMMA)
+    ours = tok.backend.get_vocab()
+    assert {t: i for t, i in ours.items() if i < BOS} == {t: i for t, i in open_clip_tok.encoder.items() if i < BOS}
+    merges = (tokenizer_dir() / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    assert merges == [" ".join(pair) for pair in sorted(open_clip_tok.bpe_ranks, key=open_clip_tok.bpe_ranks.get)]
+    assert tok.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]  # well-known SD ids
+    assert tok.decode(tok.encode("A photo of a CAT")) == "a photo of a cat"
+
+
+def test_tokenizer_matches_open_clip(tok, open_clip_tok):
+    texts = [t for t in STRINGS if "<|" not in t] + FIXABLE + bdm_870_english()
+    mismatches = [t for t in texts if tok.encode(t) != open_clip_tok.encode(t)]
     assert not mismatches, mismatches[:5]
-    assert tok.encode("a，b“c”") == tok.encode('a,b"c"') != CLIPTokenizer(fix_text=False).encode("a，b“c”")
+
+
+def test_bpe_matches_open_clip_on_random_text(open_clip_tok):
+    """Random text (no ftfy: its mojibake heuristics are not applied here) through both BPE implementations."""
+    import regex
+    oc = open_clip_tok
+
+    def open_clip_bpe(text):  # open_clip's encode with the Rust tokenizer's cleaning: NFC, whitespace, lower
+        text = regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip().lower()
+        return [oc.encoder[piece] for word in regex.findall(oc.pat, text)
+                for piece in oc.bpe("".join(oc.byte_encoder[b] for b in word.encode("utf-8"))).split(" ")]
+
+    raw = CLIPTokenizer(fix_text=False)
+    texts = random_strings(300) + [t for t in STRINGS if "<|" not in t]
+    mismatches = [t for t in texts if raw.encode(t) != open_clip_bpe(t)]
+    assert not mismatches, mismatches[:5]
+
+
+def test_tokenizer_matches_the_webuis(tok):
+    """The WebUI's own tokenizer: transformers 4.x's Python `CLIPTokenizer`, which runs ftfy.fix_text."""
+    oracle("ftfy")
+    webui = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir()))
+    if webui.is_fast:
+        pytest.skip(f"transformers {transformers.__version__} has no Python CLIPTokenizer (the WebUI ships 4.x)")
+    texts = STRINGS + FIXABLE + bdm_870_english()
+    mismatches = [t for t in texts if tok.encode(t) != webui(t, add_special_tokens=False)["input_ids"]]
+    assert not mismatches, mismatches[:5]
+
+
+def test_fixes_make_full_width_commas_commas(tok):
+    raw = CLIPTokenizer(fix_text=False)
+    assert tok.encode("a，b“c”") == tok.encode('a,b"c"') == raw.encode('a,b"c"') != raw.encode("a，b“c”")
+    assert tok(["红色", "猫，狗"]) == [tok.encode("红色"), raw.encode("猫,狗")]
+    encoder = EnglishTextEncoder(transformers.CLIPTextModel(text_config(**TINY)), tokenizer=tok)
+    full_width, ascii_commas = (encoder.tokenize_line("cat" + comma + " dog " * 3) for comma in ("，", ","))
+    assert [c.tokens for c in full_width[0]] == [c.tokens for c in ascii_commas[0]]  # the chunker sees commas
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def test_generate_on_gpu_in_fp16_matches_the_cpu(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_trainer_amp_on_gpu_learns(tmp_path, tmp_path_factory, precision):
     """The learning test of `test_train_learns`, trained on the GPU under autocast (fp16 with loss scaling)."""
-    from tests.test_train_learns import train_and_check_steering
+    from tests.train_util import train_and_check_steering
     first, last, steer = train_and_check_steering(tmp_path, tmp_path_factory, device="cuda",
                                                   mixed_precision=precision)
     print(f"\n{precision} on cuda: loss {first:.4f} → {last:.4f}, red−blue steering {steer:.2f}")
@@ -181,7 +181,7 @@ def test_trainer_with_cuda_graphs_equals_without(tmp_path, tmp_path_factory):
     from safetensors.torch import load_file
 
     from bdm.train import Trainer
-    from tests.test_train_support import config, shared_backbone, write_colour_set
+    from tests.train_util import config, shared_backbone, write_colour_set
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ckpt = shared_backbone(tmp_path_factory, pretrain_size=16)

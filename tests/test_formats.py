@@ -144,7 +144,7 @@ def test_pickles_are_never_unpickled(tmp_path, capsys):
 
 
 def test_official_dir_errors(tmp_path):
-    from .test_bridge_peers import make_official_dir
+    from .util import make_official_dir
     directory, _ = make_official_dir(tmp_path)
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
@@ -167,7 +167,7 @@ def test_official_dir_errors(tmp_path):
 
 def test_chinese_clip_width_must_match_branch(tmp_path):
     from transformers import ChineseCLIPConfig, ChineseCLIPModel
-    from .test_bridge_peers import make_official_dir
+    from .util import make_official_dir
     directory, _ = make_official_dir(tmp_path, context_dim=96)
     text = TOY_TEXT.config_dict()  # hidden 64: not the branch's 96
     cfg = ChineseCLIPConfig(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=37,

@@ -60,18 +60,19 @@ def world(tmp_path_factory):
                 lora=write_lora(d / "tinylora.safetensors"), emb=emb)
 
 
-def generate_pixels(world, tmp_path, *extra, name="out.png", expect=0):
+def generate_pixels(world, tmp_path, *extra, name="out.png", expect=0, batch=False):
     out = tmp_path / name
     argv = ["-o", str(out), "--checkpoint", str(world["ckpt"]), "--steps", "4", "--width", "64",
             "--height", "64", "--seed", "7", "--cfg", "2", *extra]
     if "--no-bdm" not in extra and "--bdm" not in extra:
         argv += ["--bdm", str(world["bdm"])]
     assert run(generate.main, argv) == expect
-    if expect:
+    if expect or batch:
         return None
     return np.asarray(Image.open(out)), out
 
 
+@pytest.mark.slow
 def test_deterministic_and_strength_zero_is_the_backbone(world, tmp_path):
     a, out = generate_pixels(world, tmp_path, "--prompt", "红色的圆形")
     b, _ = generate_pixels(world, tmp_path, "--prompt", "红色的圆形", name="again.png")
@@ -95,6 +96,7 @@ def test_png_parameters_round_trip(world, tmp_path):
     assert len(params["BDM model hash"]) == 10
 
 
+@pytest.mark.slow
 def test_each_plugin_changes_the_output_and_removing_it_restores(world, tmp_path):
     base, _ = generate_pixels(world, tmp_path, "--prompt", "红色的圆形", "--en-prompt", "bigthing")
     runs = {
@@ -136,6 +138,7 @@ def test_lora_equals_merge_and_removal_is_bit_exact(world):
     assert all(torch.equal(ck.text_encoder.state_dict()[k], v) for k, v in te_before.items())
 
 
+@pytest.mark.slow
 def test_shared_encoder_equals_plain_path(world):
     from bdm.pipeline import Pipeline, Request
     ck = load_checkpoint(world["ckpt"])
@@ -147,6 +150,19 @@ def test_shared_encoder_equals_plain_path(world):
         plain = pipe.latents(Request(**req, shared_encoder=False))
         assert (shared - plain).abs().max() <= 1e-3 * plain.abs().max()
         assert not torch.equal(shared[0], shared[1])  # rows have their own seeds
+
+
+def test_long_negative_gets_the_official_layout(world):
+    """A long Chinese negative: prompt and negative over the same chunks, 50*k + 2 tokens (the official
+    inference's layout; `tests/test_text_chinese.py` checks it against an independent construction)."""
+    from bdm.pipeline import Pipeline, Request
+    pipe = Pipeline(load_checkpoint(world["ckpt"]), bdm.load_bridge(world["bdm"]))
+    negative = "最差质量,低质量,低分辨率,伪影,丑陋,脸崩坏,变形,模糊,重复,病态,残缺,多余的手指," * 2  # 2 chunks
+    _, contexts = pipe.encode_prompts(Request(prompt="红色的圆形", negative_prompt=negative, batch_size=2))
+    chinese = contexts(0)  # the contexts at step 0 (a function of the step: prompt editing)
+    assert chinese.shape[:2] == (4, 102)
+    expected = pipe.bridge.text_encoder.encode(["红色的圆形", negative])
+    torch.testing.assert_close(chinese, expected[[0, 0, 1, 1]].to(chinese))
 
 
 @pytest.mark.parametrize("case", ["missing", "sd2", "inpaint", "lora-sdxl", "lora-shape", "emb-width",
@@ -192,3 +208,44 @@ def test_bad_inputs_exit_2_and_write_nothing(world, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not list(d.glob("out*.png"))
+
+
+def test_official_preset_defaults_and_overrides():
+    args = generate.parse_args(["-o", "x.png", "--preset", "official"])
+    assert (args.sampler, args.steps, args.cfg) == ("DPM++ 2M (official)", 50, 7.5)
+    args = generate.parse_args(["-o", "x.png", "--preset", "official", "--steps", "8", "--sampler", "DDIM",
+                                "--cfg", "3"])
+    assert (args.sampler, args.steps, args.cfg) == ("DDIM", 8, 3.0)
+    args = generate.parse_args(["-o", "x.png"])
+    assert (args.sampler, args.steps, args.preset) == ("Euler a", 20, None)
+
+
+def test_batch_noise_is_one_generator_for_the_batch():
+    from bdm.pipeline import initial_noise
+    shape = (4, 8, 8)
+    noise, generator = initial_noise(5, 3, shape, batch_noise=True)
+    assert torch.equal(noise, torch.randn((3, *shape), generator=torch.Generator("cpu").manual_seed(5)))
+    replay = torch.Generator().manual_seed(5)
+    torch.randn((3, *shape), generator=replay)
+    assert torch.equal(torch.randn(2, generator=generator), torch.randn(2, generator=replay))  # it continues
+    per_image, generators = initial_noise(5, 3, shape)
+    assert len(generators) == 3 and torch.equal(per_image[0], noise[0])  # the streams start alike ...
+    assert torch.equal(per_image[1], torch.randn(shape, generator=torch.Generator().manual_seed(6)))
+    assert not torch.equal(per_image[1], noise[1])  # ... but image 1 is seed 6's start, not the batch's next draw
+
+
+def test_official_preset_end_to_end(world, tmp_path):
+    """The batch's noise from one seed: image 0 of a batch is the single image, image 1 is not seed + 1."""
+    flags = ["--preset", "official", "--steps", "4", "--prompt", "红色的圆形", "--negative", "模糊"]
+    single, out = generate_pixels(world, tmp_path, *flags)
+    params = parse_infotext(Image.open(out).info["parameters"])[2]
+    assert params["Sampler"] == "DPM++ 2M (official)" and params["BDM preset"] == "official"
+    assert params["Seed"] == "7" and params["CFG scale"] == "2.0" and "Batch pos" not in params
+    generate_pixels(world, tmp_path, *flags, "--batch", "2", "--seed", "6", name="batch.png", expect=0,
+                    batch=True)
+    first, second = (np.asarray(Image.open(tmp_path / f"batch_{i}.png")) for i in (0, 1))
+    alone6, _ = generate_pixels(world, tmp_path, *flags, "--seed", "6", name="seed6.png")
+    assert np.abs(first.astype(int) - alone6.astype(int)).max() <= 1
+    assert np.abs(second.astype(int) - single.astype(int)).max() > 10  # not seed 6 + 1
+    params = parse_infotext(Image.open(tmp_path / "batch_1.png").info["parameters"])[2]
+    assert params["Seed"] == "6" and params["Batch size"] == "2" and params["Batch pos"] == "1"

@@ -3,7 +3,9 @@
 Mapping used (see the `bdm.sampling` docstring): our "automatic" schedule = diffusers
 `timestep_spacing="linspace"` (exact when (n-1) | 999, hence n = 10); "karras" = `use_karras_sigmas=True`;
 "ddim" = DDIMScheduler with SD1's config (`steps_offset=1`, "leading", `set_alpha_to_one=False`,
-`clip_sample=False`). DDIM/DPM-Solver live in VP space: x_vp = x_ve / √(1+σ²).
+`clip_sample=False`); "dpm-solver" = DPMSolverMultistepScheduler as diffusers 0.24 configured it for the
+official BDM inference (`final_sigmas_type="sigma_min"` in today's diffusers, the rest its defaults).
+DDIM/DPM-Solver live in VP space: x_vp = x_ve / √(1+σ²).
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ from bdm.sampling import (
     sample,
     sample_ddim,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_official,
     sample_euler,
     sample_euler_ancestral,
     sd1_alphas_cumprod,
 )
 
-diffusers = pytest.importorskip("diffusers")
+from .util import oracle
+
+diffusers = oracle("diffusers")
 SD1_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 TOL = 1e-4
 SHAPE = (2, 4, 8, 8)
@@ -158,6 +163,50 @@ def test_dpmpp_2m_karras_matches_diffusers():
     assert (ours - ref).abs().max() <= TOL
     euler = sample_euler(den, noise() * sigmas[0], sigmas)
     assert (ours - euler).abs().max() > 0.01  # the second-order correction is really applied
+
+
+def official_dpm_scheduler(**overrides):
+    """diffusers 0.24's DPMSolverMultistepScheduler.from_config(SD1 config), spelled for today's diffusers:
+    0.24 had no `final_sigmas_type` and ended on σ(t=0) ("sigma_min"); the other values are its defaults."""
+    config = dict(SD1_SCHEDULE, steps_offset=1, timestep_spacing="linspace", algorithm_type="dpmsolver++",
+                  solver_order=2, solver_type="midpoint", lower_order_final=True, euler_at_final=False,
+                  final_sigmas_type="sigma_min")
+    return diffusers.DPMSolverMultistepScheduler(**{**config, **overrides})
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 14, 15, 20, 50, 100])
+def test_dpm_solver_schedule_matches_diffusers(steps):
+    den = EpsDenoiser(eps_model)
+    sched = official_dpm_scheduler()
+    sched.set_timesteps(steps)
+    sigmas = get_sigmas(den, "DPM++ 2M (official)", steps)
+    assert torch.equal(den.sigma_to_t(sigmas[:-1]), sched.timesteps.float())  # integer t from 999 down
+    assert sched.timesteps[0] == 999 and sigmas[-1] == den.sigmas[0] > 0.02  # ends at σ(t=0), not 0
+    # the only difference: diffusers computes the β table in float32, LDM (and we) in float64
+    assert torch.allclose(sigmas, sched.sigmas, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("steps", [50, 10])
+@torch.no_grad()
+def test_dpmpp_2m_official_matches_diffusers(steps):
+    den = EpsDenoiser(eps_model)
+    assert SAMPLERS["DPM++ 2M (official)"] == (sample_dpmpp_2m_official, "dpm-solver")
+    ours = sample("DPM++ 2M (official)", den, noise(), steps)  # unit VP noise in, VP latents out
+    sched = official_dpm_scheduler()
+    ref = run_diffusers(sched, eps_model, noise() * sched.init_noise_sigma, steps)
+    assert sched.init_noise_sigma == 1.0
+    assert (ours - ref).abs().max() <= TOL
+    sigmas = get_sigmas(den, "DPM++ 2M (official)", steps)
+    start = noise() * math.sqrt(1 + sigmas[0].item() ** 2)
+    second_order_end = sample_dpmpp_2m(den, start, sigmas) / math.sqrt(1 + sigmas[-1].item() ** 2)
+    if steps < 15:  # lower_order_final: diffusers makes the last step first order below 15 steps only
+        assert (second_order_end - ours).abs().max() > 1e-3
+    else:
+        assert (second_order_end - ours).abs().max() <= TOL
+    # today's diffusers default (final σ = 0) and the WebUI's "DPM++ 2M" are other pictures
+    newer = run_diffusers(official_dpm_scheduler(final_sigmas_type="zero"), eps_model, noise(), steps)
+    assert (newer - ref).abs().max() > 1e-3
+    assert (sample("DPM++ 2M", den, noise(), steps) - ref).abs().max() > 1e-3
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from .util import oracle
+
+transformers = oracle("transformers")
 
 from bdm.text.chinese import CONTEXT_TOKENS, ChineseTextEncoder, toy_config
 
@@ -23,11 +25,18 @@ def enc():
 
 def test_shapes_one_and_three_chunks(enc):
     assert enc.encode(["一只猫"]).shape == (1, 52, H)
-    assert enc.encode(["猫" * 120, "狗"]).shape == (2, 156, H)
-    assert enc.encode("一只猫", min_chunks=3).shape == (1, 156, H)
+    assert enc.encode(["猫" * 120, "狗"]).shape == (2, 152, H)  # 50*k + 2
+    assert enc.encode("一只猫", min_chunks=3).shape == (1, 152, H)
     assert enc.encode([""]).shape == (1, 52, H)
     with pytest.raises(ValueError, match="at least one prompt"):
         enc.encode([])
+
+
+def test_public_api_at_the_package_top_level():
+    namespace = {}
+    exec("from bdm import *", namespace)
+    assert namespace["ChineseTextEncoder"] is ChineseTextEncoder
+    assert namespace["ChineseTextEncoder"].tiny(seed=0).encode("一只猫").shape == (1, 52, H)
 
 
 def test_encode_runs_without_grad_and_on_module_dtype(enc):
@@ -64,27 +73,73 @@ def test_long_bdm870_descriptions_give_several_chunks(enc):
     text = rows[0][3]
     k = math.ceil(len(enc.tokenizer.encode(text)) / 50)
     assert k == 3
-    assert enc.encode([text]).shape == (1, 52 * k, H)
+    assert enc.encode([text]).shape == (1, 50 * k + 2, H)
     longest = max((r[3] for r in rows), key=lambda t: len(enc.tokenizer.encode(t)))
     assert len(enc.tokenizer.encode(longest)) > 250
     with pytest.warns(UserWarning, match="truncated"):
-        assert enc.encode([text, longest]).shape == (2, 52 * 5, H)
+        assert enc.encode([text, longest]).shape == (2, 252, H)
+
+
+def official_layout(enc, prompts):
+    """An independent construction of the official inference's Chinese context
+    (`get_weighted_text_embeddings(..., model_max_length=52, no_boseos_middle=True, cn=True)`): one row
+    [CLS] + tokens + [PAD]... of 50*m + 2 ids for all prompts (m chunks for the longest), cut into windows
+    of 52 that overlap by 2; each window's first id becomes [CLS], its last [PAD], its first [PAD] [SEP];
+    each window through the plain transformers model; the first window loses its last position, the
+    last its first, the middle ones both."""
+    tok = enc.tokenizer
+    rows = [tok.encode(p)[:250] for p in prompts]
+    m = max(1, (max(len(r) for r in rows) - 1) // 50 + 1)
+    ids = torch.tensor([[tok.cls_id] + r + [tok.pad_id] * (50 * m + 1 - len(r)) for r in rows])
+    parts = []
+    for i in range(m):
+        window = ids[:, i * 50 : i * 50 + 52].clone()
+        window[:, 0], window[:, -1] = tok.cls_id, tok.pad_id
+        window[torch.arange(len(rows)), (window == tok.pad_id).float().argmax(dim=1)] = tok.sep_id
+        with torch.no_grad():
+            z = enc.model(window)[0]
+        parts.append(z if m == 1 else z[:, :-1] if i == 0 else z[:, 1:] if i == m - 1 else z[:, 1:-1])
+    return torch.cat(parts, dim=1)
+
+
+LONG_NEGATIVE = "最差质量,低质量,低分辨率,伪影,丑陋,脸崩坏,变形,模糊,重复,病态,残缺,多余的手指,变异的手," * 4
+
+
+@pytest.mark.parametrize(
+    "prompt, negative",
+    [
+        ("一只猫", ""),  # the paper's setting: one chunk each
+        ("猫" * 50, ""),  # exactly one full chunk
+        ("猫" * 100, "狗" * 51),  # exactly two full chunks; the negative one token into its second
+        ("一只红色的猫坐在长城上，" * 14, ""),  # > 150 tokens: four chunks, the negative padded to four
+        ("一只猫", LONG_NEGATIVE),  # a typical long negative: the prompt padded to its chunks
+    ],
+    ids=["short", "50", "100-51", "over-150", "long-negative"],
+)
+def test_layout_is_the_official_inferences(enc, prompt, negative):
+    z = enc.encode([prompt, negative])
+    expected = official_layout(enc, [prompt, negative])
+    k = max(math.ceil(len(enc.tokenizer.encode(t)) / 50) for t in (prompt, negative, "x"))
+    assert z.shape == expected.shape == (2, 50 * k + 2, H)
+    torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
+    # encoded alone with the other's chunk count: the same rows (what the WebUI's ContextBank does)
+    torch.testing.assert_close(enc.encode([negative], min_chunks=k), z[1:], atol=1e-5, rtol=1e-5)
 
 
 def test_short_rows_are_padded_with_the_empty_chunk(enc):
     z = enc.encode(["猫" * 120, "狗"])
     empty = enc.encode([""])[0]
     dog = enc.encode(["狗"])[0]
-    torch.testing.assert_close(z[1, :52], dog, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(z[1, 52:104], empty, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(z[1, 104:], empty, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(z[0, 104:], empty, atol=1e-3)  # the long row really has content there
+    torch.testing.assert_close(z[1, :51], dog[:51], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z[1, 51:101], empty[1:51], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z[1, 101:], empty[1:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(z[0, 101:], empty[1:], atol=1e-3)  # the long row really has content there
 
 
 def test_chunks_are_encoded_independently(enc):
     z = enc.encode(["猫" * 70 + "狗" * 50])[0]
-    torch.testing.assert_close(z[:52], enc.encode(["猫" * 50])[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(z[104:], enc.encode(["狗" * 20])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z[:51], enc.encode(["猫" * 50])[0, :51], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z[101:], enc.encode(["狗" * 20])[0, 1:], atol=1e-5, rtol=1e-5)
 
 
 def test_weight_one_is_exactly_plain(enc):
@@ -106,11 +161,10 @@ def test_weighting_scales_only_weighted_tokens_and_keeps_the_mean(enc):
 
 def test_weighting_mean_is_kept_per_chunk(enc):
     text = "猫" * 50 + "(狗:1.3)" * 10
-    plain = enc.encode(["猫" * 50 + "狗" * 10])[0].reshape(2, 52, H)
-    weighted = enc.encode([text])[0].reshape(2, 52, H)
-    assert torch.equal(weighted[0], plain[0])  # first chunk has no weights
-    torch.testing.assert_close(weighted[1].mean(), plain[1].mean(), atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(weighted[1], plain[1])
+    plain = enc.encode(["猫" * 50 + "狗" * 10])[0]
+    weighted = enc.encode([text])[0]
+    assert torch.equal(weighted[:51], plain[:51])  # first chunk has no weights: not rescaled
+    assert not torch.allclose(weighted[51:], plain[51:])
 
 
 def test_brackets_are_syntax_not_tokens(enc):
@@ -127,7 +181,7 @@ def test_break_starts_a_new_chunk(enc):
     assert ids[0, 0, :3].tolist() == [tok.cls_id, tok.encode("猫")[0], tok.sep_id]
     assert ids[0, 1, :3].tolist() == [tok.cls_id, tok.encode("狗")[0], tok.sep_id]
     z = enc.encode(["猫 BREAK 狗"])[0]
-    torch.testing.assert_close(z, torch.cat([enc.encode("猫")[0], enc.encode("狗")[0]]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, torch.cat([enc.encode("猫")[0, :51], enc.encode("狗")[0, 1:]]), atol=1e-5, rtol=1e-5)
     assert enc.chunk_ids(["BREAK 狗"])[0].shape[1] == 2  # leading BREAK: empty first chunk (A1111)
     assert enc.chunk_ids(["狗 BREAK"])[0].shape[1] == 1  # trailing BREAK adds nothing
 
@@ -143,19 +197,10 @@ def test_token_count(enc):
 def test_truncation_beyond_max_chunks_warns(enc):
     with pytest.warns(UserWarning, match="truncated"):
         z = enc.encode(["猫" * 320])
-    assert z.shape == (1, 52 * 5, H)
+    assert z.shape == (1, 252, H)
     small = ChineseTextEncoder.tiny(seed=0, max_chunks=2)
     with pytest.warns(UserWarning, match="truncated"):
-        assert small.encode(["猫" * 120]).shape == (1, 104, H)
-
-
-def test_trim_inner_specials_mirrors_official_concatenation(enc):
-    trimmed = ChineseTextEncoder.tiny(seed=0, trim_inner_specials=True)
-    full = enc.encode(["猫" * 120])[0]
-    z = trimmed.encode(["猫" * 120])[0]
-    assert z.shape == (152, H)  # 50*k + 2
-    torch.testing.assert_close(z, torch.cat([full[:51], full[53:103], full[105:]]))
-    assert torch.equal(trimmed.encode(["猫"]), enc.encode(["猫"]))  # one chunk: unchanged
+        assert small.encode(["猫" * 120]).shape == (1, 102, H)
 
 
 def test_attention_mask_convention(enc):

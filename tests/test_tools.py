@@ -10,8 +10,7 @@ from bdm import convert, inspect as bdm_inspect
 from bdm.cli import run
 from bdm.text.chinese import ChineseTextEncoder, toy_config
 
-from .test_bridge_peers import CN_DIM, make_official_dir
-from .util import REPO
+from .util import CN_DIM, REPO, make_official_dir
 
 
 def official_release(tmp_path):
@@ -43,6 +42,25 @@ def test_convert_official_release_to_one_bdm_file(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "bdm1.safetensors: BDM file" in text and "metadata format_version: 1" in text
     assert "diffusers folder, class 'ControlNetModelBDM'" in text and f"cross_attention_dim: {CN_DIM}" in text
+
+
+def test_convert_keeps_the_chinese_encoder_fp32(tmp_path):
+    """Default --dtype fp16: the branch is rounded as released, the Chinese encoder stays fp32 (the official
+    inference runs it in fp32), so its embeddings are exactly those of the Hugging Face folder."""
+    from bdm.formats.files import read_state_dict
+    branch, clip_dir = official_release(tmp_path)
+    out = tmp_path / "bdm1.safetensors"
+    assert run(convert.main, [str(branch), "--chinese-clip", str(clip_dir), "-o", str(out)]) == 0
+    tensors = read_state_dict(out)
+    dtypes = {prefix: {v.dtype for k, v in tensors.items() if k.startswith(prefix) and v.is_floating_point()}
+              for prefix in ("bridge.", "text_encoder.")}
+    assert dtypes == {"bridge.": {torch.float16}, "text_encoder.": {torch.float32}}
+    prompt = ["长城上的日落,(金色:1.2)的光，" * 8]  # two chunks
+    reference = ChineseTextEncoder.from_hf_dir(clip_dir)
+    assert torch.equal(bdm.load_bridge(out).text_encoder.encode(prompt), reference.encode(prompt))
+    direct = bdm.load_bridge(branch, chinese_clip=clip_dir)
+    converted = bdm.load_bridge(out).state_dict()
+    assert all(torch.equal(converted[k], v.half().float()) for k, v in direct.state_dict().items())
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path):

@@ -90,7 +90,7 @@ def test_quick_models_load_in_their_community_formats(quick):
 
 @pytest.mark.slow
 def test_quick_checkpoint_is_a_webui_sd1_checkpoint(quick):
-    from tests.test_toy_weights import check_webui_layout
+    from tests.util import check_webui_layout
     check_webui_layout(quick / paths.backbone_checkpoint().name)
     check_webui_layout(quick / paths.dreambooth_checkpoint().name)
 

@@ -3,110 +3,15 @@ against the original `ldm` package's `LatentDiffusion` built from the `.yaml`), 
 `python -m bdm.toy eval` passes with thresholds far above chance."""
 from __future__ import annotations
 
-import os
-import sys
-import types
-from pathlib import Path
-
 import pytest
-import torch
-from torch import nn
 
 from bdm.toy import paths
+
+from .util import check_webui_layout
 
 COMMITTED = paths.WEIGHTS / "build.json"
 needs_weights = pytest.mark.skipif(not COMMITTED.is_file(),
                                    reason="no committed toy weights yet (python -m bdm.toy build)")
-
-
-def ldm_latent_diffusion(checkpoint: Path):
-    """`ldm.models.diffusion.ddpm.LatentDiffusion` instantiated from the checkpoint's `.yaml` as the WebUI
-    does (CLIP built from the config folder `version:` names, no weights downloaded), then the file's
-    state dict loaded strictly. pytorch_lightning is stubbed (current releases lack
-    `utilities.distributed.rank_zero_only`); sys.modules is restored afterwards."""
-    pytest.importorskip("ldm.util")
-    pytest.importorskip("omegaconf")
-    from omegaconf import OmegaConf
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from bdm.formats.files import read_state_dict
-    names = ("pytorch_lightning", "pytorch_lightning.utilities", "pytorch_lightning.utilities.distributed",
-             "ldm.models.diffusion.ddpm", "ldm.models.autoencoder")
-    saved = {k: sys.modules.get(k) for k in names}
-    pl = types.ModuleType("pytorch_lightning")
-    pl.LightningModule = nn.Module
-    utilities = types.ModuleType("pytorch_lightning.utilities")
-    distributed = types.ModuleType("pytorch_lightning.utilities.distributed")
-    distributed.rank_zero_only = lambda f: f
-    pl.utilities, utilities.distributed = utilities, distributed
-    sys.modules.update({"pytorch_lightning": pl, "pytorch_lightning.utilities": utilities,
-                        "pytorch_lightning.utilities.distributed": distributed})
-    sys.modules.pop("ldm.models.diffusion.ddpm", None)
-    sys.modules.pop("ldm.models.autoencoder", None)
-    original = CLIPTextModel.from_pretrained.__func__
-    # the WebUI builds the text model from the folder's config only (weights come from the checkpoint)
-    CLIPTextModel.from_pretrained = classmethod(lambda cls, version, **kw: cls(CLIPTextConfig.from_pretrained(version)))
-    cwd = os.getcwd()
-    try:
-        from ldm.util import instantiate_from_config
-        config = OmegaConf.load(checkpoint.with_suffix(".yaml"))
-        os.chdir(checkpoint.parent)  # a relative `version:` is relative to the checkpoint (export-webui makes it absolute)
-        model = instantiate_from_config(config.model)
-        sd = read_state_dict(checkpoint)
-        own = model.state_dict()
-        te = "cond_stage_model.transformer."
-        if not any(k.startswith(te + "text_model.") for k in own):
-            # transformers ≥ 5 dropped CLIPTextModel's `text_model` level; the WebUI's transformers 4.x and
-            # every SD1.x file have it: compare under the files' names
-            sd = {te + k[len(te + "text_model."):] if k.startswith(te + "text_model.") else k: v
-                  for k, v in sd.items()}
-        # buffers LatentDiffusion computes itself (noise schedule) are not in SD files; CLIP's position_ids
-        # is in SD1.x files (and ours: the WebUI's transformers 4.30 expects it) but not a saved buffer of
-        # newer transformers
-        computed = {k for k in own if not k.startswith(("model.", "first_stage_model.", "cond_stage_model."))
-                    or k.endswith("position_ids")}
-        missing = sorted(set(own) - set(sd) - computed)
-        unexpected = sorted(k for k in set(sd) - set(own) if not k.endswith("position_ids"))
-        assert any(k.endswith("embeddings.position_ids") for k in sd)
-        assert not missing and not unexpected, (missing[:5], unexpected[:5])
-        sd = {k: v for k, v in sd.items() if k in own}
-        for k, v in sd.items():
-            assert own[k].shape == v.shape, k
-        model.load_state_dict({**{k: own[k] for k in computed}, **sd}, strict=True)
-        return model, config
-    finally:
-        os.chdir(cwd)
-        CLIPTextModel.from_pretrained = classmethod(original)
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
-def check_webui_layout(checkpoint: Path) -> None:
-    from bdm.formats.files import read_state_dict
-    keys = read_state_dict(checkpoint).keys()
-    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
-    assert all(k.startswith(prefixes) for k in keys)
-    assert all(any(k.startswith(p) for k in keys) for p in prefixes)
-    model, config = ldm_latent_diffusion(checkpoint)
-    params = config.model.params
-    assert config.model.target == "ldm.models.diffusion.ddpm.LatentDiffusion"
-    assert params.cond_stage_config.target == "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
-    assert params.first_stage_config.params.embed_dim == 4 and params.channels == 4
-    assert params.unet_config.params.context_dim == model.cond_stage_model.transformer.config.hidden_size
-    # the WebUI's tokenizer comes from the folder too: the real CLIP BPE vocabulary
-    assert len(model.cond_stage_model.tokenizer) == 49408
-    # the original UNet computes what ours computes
-    from bdm.formats.checkpoint import load_checkpoint
-    ours = load_checkpoint(checkpoint)
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
-    ctx = torch.randn(2, 77, ours.text_encoder.hidden_size)
-    with torch.no_grad():
-        a = model.model.diffusion_model.float()(x, t, context=ctx)
-        b = ours.unet(x, t, ctx)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @needs_weights

@@ -2,17 +2,16 @@
 each epoch, ranks split without overlap, exact resume, from images and from a bucketed latent cache."""
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
+import pytest
 import torch
-from PIL import Image
 
 from bdm.train import data as D
-from tests.test_train_support import COLOURS, config, one_thread, shared_backbone  # noqa: F401
+from tests.train_util import config, shared_backbone, write_mixed_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 # the tiny test backbone: VAE downscale 2 × 2 UNet levels → sides are multiples of 4
 TINY_BUCKETS = [(12, 20), (16, 16), (20, 12)]
@@ -61,25 +60,6 @@ def test_bucket_batches_are_one_size_cover_every_image_and_split_across_ranks():
     for k in (1, sampler.per_rank, sampler.per_rank + 2):
         again = _take(D.BucketBatchSampler(bucket_of, TINY_BUCKETS, batch, 3, 1, world, start=k), 4)
         assert again == full[k:k + 4]
-
-
-def write_mixed_set(folder: Path, bad: bool = False) -> Path:
-    """Colour blocks in landscape, portrait and square pictures (JSONL), optionally with a broken file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, rng = [], np.random.default_rng(0)
-    shapes = [(40, 20), (20, 40), (24, 24), (36, 20), (18, 34), (30, 30)]
-    for k, (w, h) in enumerate(shapes * 2):
-        name, rgb = list(COLOURS.items())[k % 4]
-        arr = np.full((h, w, 3), 128, dtype=np.uint8)
-        arr[h // 4:h - h // 4, w // 4:w - w // 4] = np.clip(np.array(rgb) + rng.integers(-15, 16, 3), 0, 255)
-        Image.fromarray(arr).save(folder / f"{k:04d}.png")
-        rows.append({"image": f"{k:04d}.png", "text": name})
-    if bad:
-        (folder / "broken.png").write_bytes(b"not a picture")
-        rows.append({"image": "broken.png", "text": "红色"})
-    path = folder / "data.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def test_training_with_buckets_from_images_and_from_a_bucketed_cache(tmp_path, tmp_path_factory):
@@ -138,7 +118,7 @@ def test_bucket_options_are_checked(tmp_path, tmp_path_factory):
     import pytest
 
     from bdm.train import Trainer
-    from tests.test_train_data import write_shards
+    from tests.train_util import write_shards
     ckpt = shared_backbone(tmp_path_factory)
     write_shards(tmp_path / "shards", 1, 2)
     with pytest.raises(ValueError, match="--aspect-buckets works with file/folder datasets"):

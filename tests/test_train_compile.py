@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_train_buckets import write_mixed_set
-from tests.test_train_support import one_thread, shared_backbone, train  # noqa: F401
+from tests.train_util import shared_backbone, train, write_mixed_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def _run(tmp, ckpt, data, **kw):
     return train(tmp, ckpt, data, **{**opts, **kw})
 
 
+@pytest.mark.slow
 def test_compiled_step_trains_like_the_eager_one(setup, tmp_path):
     from torch._dynamo.utils import counters
     ckpt, data = setup

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,9 @@ import torch
 from PIL import Image
 
 from bdm.train import data as D
-from tests.test_train_support import config, one_thread, shared_backbone, write_colour_set  # noqa: F401
+from tests.train_util import config, shared_backbone, write_colour_set, write_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 
 def _png(mode: str, size=(20, 12)) -> bytes:
@@ -96,34 +97,6 @@ def test_training_on_bad_data_runs_and_logs_the_skips(tmp_path, tmp_path_factory
     assert result["skipped"]["empty file"] >= 1 or result["skipped"]["unreadable image"] >= 1
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped"] == sum(result["skipped"].values())
-
-
-def write_shards(folder: Path, n_shards: int, per_shard: int, bad: bool = False) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, k = [], 0
-    for s in range(n_shards):
-        path = folder / f"{s:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(per_shard):
-                key = f"{k:09d}"
-                k += 1
-                ext, image = ("webp", None) if i % 3 == 2 else ("jpg" if i % 2 else "png", None)
-                buf = io.BytesIO()
-                Image.new("RGB", (10, 8), (k % 255, 0, 0)).save(buf, format={"jpg": "JPEG", "png": "PNG",
-                                                                              "webp": "WEBP"}[ext])
-                members = {f"{key}.{ext}": buf.getvalue()}
-                members[f"{key}.txt" if i % 2 else f"{key}.json"] = (
-                    f"第{k}".encode() if i % 2 else json.dumps({"caption": f"第{k}"}).encode())
-                if bad and i == 1:
-                    members[f"{key}.{ext}"] = b""
-                if bad and i == 2:
-                    members = {f"{key}.{ext}": buf.getvalue()}  # no caption
-                for name, content in members.items():
-                    info = tarfile.TarInfo(name)
-                    info.size = len(content)
-                    tar.addfile(info, io.BytesIO(content))
-        paths.append(str(path))
-    return paths
 
 
 @pytest.mark.parametrize("n_shards", [5, 2])  # more shards than slots, and fewer (split by record)

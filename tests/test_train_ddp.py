@@ -6,10 +6,15 @@ import os
 import subprocess
 import sys
 
-from tests.test_train_support import one_thread, shared_backbone, write_colour_set  # noqa: F401
+import pytest
+
+from tests.train_util import shared_backbone, write_colour_set
 from tests.util import REPO
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
+
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path, tmp_path_factory):
     import bdm
     ckpt = shared_backbone(tmp_path_factory)

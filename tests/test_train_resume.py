@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_train_support import config, one_thread, shared_backbone, train, write_colour_set  # noqa: F401
+from tests.train_util import config, shared_backbone, train, write_colour_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 
 @pytest.fixture(scope="module")

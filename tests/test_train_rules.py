@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from tests.test_train_support import config, one_thread, shared_backbone, write_colour_set  # noqa: F401
+from tests.train_util import config, shared_backbone, write_colour_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny steps (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,18 @@ def test_only_the_branch_learns_and_the_english_context_is_empty(setup, tmp_path
     fresh = Bridge.from_backbone(load_unet(ckpt).float(), 64)
     moved = [k for k, v in trainer.bridge.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
     assert any(k.startswith("zero_convs") for k in moved)
+
+
+def test_long_captions_train_on_the_official_layout(setup, tmp_path):
+    from bdm.train import Trainer
+    _, ckpt, data = setup
+    trainer = Trainer(config(tmp_path, ckpt, data, resolution=16, batch_size=2, max_steps=1,
+                             caption_dropout=0.0)).prepare()
+    batch = trainer._take(iter(trainer.loader))
+    batch["text"] = ["红色的圆形，" * 10, "蓝色"]  # 60 tokens: two chunks, the short caption padded to two
+    _, _, chinese, _ = trainer.batch_inputs(batch)
+    assert chinese.shape[1] == 102  # 50*k + 2
+    torch.testing.assert_close(chinese, trainer.chinese.encode(batch["text"]).to(chinese))
 
 
 def load_english(ckpt):
@@ -202,7 +216,7 @@ def test_amp_checkpointing_ema_and_validation_images(setup, tmp_path):
     _, ckpt, data = setup
     result = Trainer(config(tmp_path, ckpt, data, resolution=16, batch_size=2, max_steps=2, mixed_precision="fp16",
                             gradient_checkpointing=True, ema=True, validation_every=2, validation_steps=3,
-                            validation_prompts=["红色", "蓝色"])).run()
+                            validation_prompts=["红色", "蓝色的方形" * 12])).run()  # 1 and 2 chunks
     assert result["step"] == 2 and all(h["loss"] == h["loss"] for h in result["history"])  # finite
     grid = Image.open(tmp_path / "out" / "validation" / "step-0000002.png")
     assert grid.size == (32, 16)  # two 16×16 images in a row

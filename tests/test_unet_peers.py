@@ -5,24 +5,14 @@ import torch
 from bdm.formats.diffusers_names import diffusers_unet2d_config, ldm_to_diffusers
 from bdm.unet import SD15, SMALL, UNetConfig, UNetModel
 
-from .util import build_random, load_assigned, max_diff
+from .util import build_random, ldm_unet, load_assigned, max_diff, oracle
 
-diffusers = pytest.importorskip("diffusers")
-openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+diffusers = oracle("diffusers")
+oracle("ldm.modules.diffusionmodules.openaimodel")
 
 SD2_LIKE = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
                       attention_resolutions=(1, 2, 4), num_head_channels=32, context_dim=48,
                       use_linear_in_transformer=True)
-
-
-def ldm_unet(cfg: UNetConfig):
-    return openaimodel.UNetModel(
-        image_size=32, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        model_channels=cfg.model_channels, attention_resolutions=list(cfg.attention_resolutions),
-        num_res_blocks=cfg.num_res_blocks, channel_mult=list(cfg.channel_mult), num_heads=cfg.num_heads,
-        num_head_channels=cfg.num_head_channels, use_spatial_transformer=True,
-        transformer_depth=cfg.transformer_depth, context_dim=cfg.context_dim, legacy=False,
-        use_linear_in_transformer=cfg.use_linear_in_transformer)
 
 
 def inputs(cfg: UNetConfig, size: int, batch: int = 2, tokens: int = 7, seed: int = 1):

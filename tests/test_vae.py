@@ -21,6 +21,8 @@ from bdm.vae import (
     vae_state_dict,
 )
 
+from .util import oracle
+
 SMALL = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32)
 TOL = 1e-4
 
@@ -81,7 +83,7 @@ def diffusers_vae(cfg: VAEConfig, sd: dict):
 def ldm_autoencoder_class():
     """`ldm.models.autoencoder.AutoencoderKL` with `pytorch_lightning.LightningModule` stubbed as
     `nn.Module` (it is only the training base class); sys.modules is restored afterwards."""
-    pytest.importorskip("ldm.modules.diffusionmodules.model")
+    oracle("ldm.modules.diffusionmodules.model")
     saved = {k: sys.modules.get(k) for k in ("pytorch_lightning", "ldm.models.autoencoder")}
     stub = types.ModuleType("pytorch_lightning")
     stub.LightningModule = nn.Module
@@ -168,7 +170,7 @@ def test_matches_original_ldm(case, ldm_autoencoder_class):
 @torch.no_grad()
 def test_attention_levels_match_ldm_encoder_decoder():
     """`attn_resolutions` (unused by SD1, which diffusers' VAE cannot express) against LDM directly."""
-    pytest.importorskip("ldm.modules.diffusionmodules.model")
+    oracle("ldm.modules.diffusionmodules.model")
     from ldm.modules.diffusionmodules.model import Decoder, Encoder
     cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, resolution=32, attn_resolutions=(16,))
     ours = randomize(AutoencoderKL(cfg), seed=2)

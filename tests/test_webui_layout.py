@@ -156,7 +156,7 @@ def test_bdmrun_gives_each_unet_call_its_rows_contexts(path, parts):
     run = BdmRun(bridge, bank, positive, negative, strength=1.0, log=lambda m: None)
     asked, seen = [], []
     real_rows = bank.rows
-    bank.rows = lambda idx: (asked.append(list(idx)), real_rows(idx))[1]
+    bank.rows = lambda idx, step=0: (asked.append(bank.text_indices(idx, step)), real_rows(idx, step))[1]
     real_index = run.prompt_index
     run.prompt_index = lambda role: (seen.append(role), real_index(role))[1]
     inners = {}

@@ -157,10 +157,10 @@ def test_context_bank_pads_with_the_empty_chunk(encoder):
     long = "，".join(["红色的圆形在蓝色的背景上"] * 6)  # > 50 tokens: 2 chunks
     bank = ContextBank(encoder, ["红色", long, "红色", ""])
     assert bank.prompts == ["红色", long, ""] and bank.chunks == 2
-    assert bank.tensor.shape == (3, 104, 64)
+    assert bank.tensor.shape == (3, 102, 64)  # the official layout: 50*k + 2
     short = bank.rows([0])
-    assert torch.equal(short[:, :52], encoder.encode(["红色"]))
-    assert torch.equal(short[:, 52:], encoder.encode([""]))  # padding = encoding of the empty chunk
+    assert torch.equal(short[:, :51], encoder.encode(["红色"])[:, :51])
+    assert torch.equal(short[:, 51:], encoder.encode([""])[:, 1:])  # padding = encoding of the empty chunk
     assert torch.equal(bank.rows([1]), encoder.encode([long]))
     assert torch.equal(bank.rows([2, 0, 2]), torch.cat([bank.tensor[2:3], short, bank.tensor[2:3]]))
     assert torch.equal(bank.tensor, encoder.encode(["红色", long, ""]))  # = encoding them together

@@ -28,15 +28,18 @@ TEXT_PREFIX = "text_encoder."
 
 def save_bdm(path: str | os.PathLike, bridge: Bridge, text_encoder=None, notes: dict | None = None,
              dtype: torch.dtype | None = None) -> Path:
-    """Write a BDM file atomically (temp file + rename). `notes` go to the metadata as `bdm.<key>`."""
-    tensors = {BRIDGE_PREFIX + k: v for k, v in bridge.state_dict().items()}
+    """Write a BDM file atomically (temp file + rename). `notes` go to the metadata as `bdm.<key>`.
+
+    `dtype` is the branch's storage precision; the Chinese encoder is always stored in fp32: the official
+    inference runs it in fp32, and fp16 rounding alone moves its embeddings by ~4e-3."""
+    tensors = {BRIDGE_PREFIX + k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+               for k, v in bridge.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_family": "sd1",
                 "bridge_config": json.dumps(bridge.config.to_dict())}
     if text_encoder is not None:
-        tensors.update({TEXT_PREFIX + k: v for k, v in text_encoder.text_state_dict().items()})
+        tensors.update({TEXT_PREFIX + k: v.float() if v.is_floating_point() else v
+                        for k, v in text_encoder.text_state_dict().items()})
         metadata["text_encoder_config"] = json.dumps(text_encoder.config_dict())
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     for key, value in (notes or {}).items():
         metadata[f"bdm.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return save_safetensors(path, tensors, metadata)

@@ -278,23 +278,26 @@ def ldm_yaml(unet_cfg: UNetConfig, vae_cfg, clip_dir: str, latent_size: int = 64
                            embed_dim=vae["embed_dim"], ddconfig=_yaml_fields(dd, 10), clip_dir=clip_dir)
 
 
-def write_clip_folder(folder: str | os.PathLike, text_encoder) -> Path:
-    """A Hugging Face CLIP folder (tokenizer files from the shipped BPE + `config.json`), so the WebUI's
-    `FrozenCLIPEmbedder` can build the tokenizer and model without a hub."""
-    import json
-    from ..text.clip import BOS_TOKEN, EOS_TOKEN, _load_bpe, default_bpe_path
+def write_clip_tokenizer(folder: str | os.PathLike) -> Path:
+    """Copy the shipped CLIP tokenizer (vocab.json + merges.txt) into `folder`, where the WebUI's
+    `FrozenCLIPEmbedder` builds its tokenizer from (`CLIPTokenizer.from_pretrained(version)`)."""
+    import shutil
+    from ..text.clip import tokenizer_dir
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    merges, vocab = _load_bpe(str(default_bpe_path()))
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
-                                       encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "add_prefix_space": False, "errors": "replace", "do_lower_case": True,
-         "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tokenizer_dir() / name, folder / name)
+    return folder
+
+
+def write_clip_folder(folder: str | os.PathLike, text_encoder, tokenizer: bool = True) -> Path:
+    """A Hugging Face CLIP folder (`config.json`, and the tokenizer files unless `tokenizer=False`), so the
+    WebUI's `FrozenCLIPEmbedder` can build the tokenizer and model without a hub."""
+    import json
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        write_clip_tokenizer(folder)
     config = text_encoder.transformer.config.to_dict()
     config["architectures"] = ["CLIPTextModel"]
     (folder / "config.json").write_text(json.dumps(config, indent=1))
@@ -302,17 +305,19 @@ def write_clip_folder(folder: str | os.PathLike, text_encoder) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, unet: UNetModel, vae, text_encoder, clip_dir: str | os.PathLike,
-                    latent_size: int = 64) -> Path:
+                    latent_size: int = 64, clip_tokenizer: bool = True) -> Path:
     """Write an SD1.x single-file checkpoint the WebUI loads offline: the `.safetensors` (LDM keys),
     the `.yaml` beside it, and the CLIP folder its `version:` points at (relative paths are kept
-    relative to the checkpoint's folder in the file, so the three can move together)."""
+    relative to the checkpoint's folder in the file, so the three can move together).
+    `clip_tokenizer=False` leaves the tokenizer files out of that folder (the package's toy weights:
+    `export-webui` adds the one shipped copy)."""
     from .files import atomic_write, save_safetensors
     path = Path(path)
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
     tensors.update({"cond_stage_model." + k: v for k, v in text_encoder.ldm_state_dict().items()})
     clip_dir = Path(clip_dir)
-    write_clip_folder(clip_dir if clip_dir.is_absolute() else path.parent / clip_dir, text_encoder)
+    write_clip_folder(clip_dir if clip_dir.is_absolute() else path.parent / clip_dir, text_encoder, clip_tokenizer)
     yaml_text = ldm_yaml(unet.config, vae.config, str(clip_dir), latent_size)
     save_safetensors(path, tensors)
     atomic_write(config_path_for(path), lambda tmp: Path(tmp).write_text(yaml_text, encoding="utf-8"))

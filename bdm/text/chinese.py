@@ -4,10 +4,10 @@ The bridge branch cross-attends to the **last hidden state of every token** of C
 CLIP's text encoder (RoBERTa-wwm-ext; BDM1.0 uses OFA-Sys/chinese-clip-vit-huge-patch14),
 52 tokens per sequence: ``[CLS]`` + 50 tokens + ``[SEP]``, padded with ``[PAD]`` (id 0).
 
-What the official BDM inference does (360CVGroup/Bridge_Diffusion_Model, ``inference.py``:
-``get_weighted_text_embeddings(..., model_max_length=52, skip_weighting=True,
+We lay prompts out as the official BDM inference does (360CVGroup/Bridge_Diffusion_Model,
+``inference.py``: ``get_weighted_text_embeddings(..., model_max_length=52, skip_weighting=True,
 no_boseos_middle=True, cn=True)``; the diffusers ``pipeline_controlnet_BDM.py`` only receives
-the finished embeddings through ``prompt_embeds``):
+the finished embeddings through ``prompt_embeds``), so the same prompt gives the same context:
 
 * **attention mask: none.**  It calls ``text_encoder(ids)[0]`` without ``attention_mask``, so
   transformers uses all ones and ``[PAD]`` positions are attended to and returned.  We mirror
@@ -15,20 +15,21 @@ the finished embeddings through ``prompt_embeds``):
   the Chinese CLIP pre-training convention.
 * **chunks:** tokens (no specials) are cut into chunks of 50; each chunk becomes
   ``[CLS] tokens [SEP] [PAD]...`` (``[SEP]`` right after the last token) and is encoded on its
-  own; all rows of a batch get the same number of chunks, shorter rows padded with the empty
-  chunk ``[CLS][SEP][PAD]*50``.  At most ``max_embeddings_multiples=5`` chunks (250 tokens);
-  longer prompts are truncated with a warning.
-* **concatenation:** with ``no_boseos_middle=True`` it drops the inner ``[CLS]``/last tokens
-  (first chunk loses its last position, middle chunks both ends, last chunk its first), giving
-  ``50*k + 2`` tokens.  We keep every chunk whole (``52*k``) by default, and reproduce the
-  official trimming with ``trim_inner_specials=True``.
+  own; all rows of a batch — the prompt and its negative — get the same number of chunks k,
+  shorter rows padded with the empty chunk ``[CLS][SEP][PAD]*50``.  At most
+  ``max_embeddings_multiples=5`` chunks (250 tokens); longer prompts are truncated with a warning.
+* **concatenation:** the inner ends go (``no_boseos_middle=True``): the first chunk loses its last
+  position, middle chunks both ends, the last chunk its first, giving ``50*k + 2`` tokens — every
+  chunk's 50 token positions between the first chunk's ``[CLS]`` and the last chunk's last position.
+  One chunk (any prompt of at most 50 tokens, alone) is the plain 52.
 * **weights:** it parses the A1111 syntax (brackets are removed) but skips the weighting for
   Chinese.  We apply A1111 weighting: hidden states times token weight, then rescaled so the
   mean of each (row, chunk) block is unchanged (A1111 rescales per chunk; we do it per row too
   so a prompt's embedding never depends on what else is in the batch).  ``BREAK`` pads the
-  current chunk and starts a new one, as in A1111.
+  current chunk and starts a new one, as in A1111.  Without weights or ``BREAK`` the context is
+  the official one.
 
-transformers compatibility (checked against 4.30.2, the WebUI's, and 5.24): only
+transformers compatibility (checked against 4.30.2, the WebUI's, and 5.25): only
 ``ChineseCLIPTextConfig``, ``ChineseCLIPTextModel(config, add_pooling_layer=False)`` and
 ``model(input_ids, attention_mask=...)[0]`` are used; 4.30 stores ``embeddings.position_ids``
 as a persistent buffer and 5.x does not, so those buffers are optional when loading.
@@ -51,12 +52,17 @@ from .emphasis import apply_weights
 from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .tokenizer import BertChineseTokenizer
 
-__all__ = ["ARCH_KEYS", "CHUNK_TOKENS", "CONTEXT_TOKENS", "ChineseTextEncoder", "default_tokenizer", "prompt_chunks",
-           "token_count", "toy_config"]
+__all__ = ["ARCH_KEYS", "CHUNK_TOKENS", "CONTEXT_TOKENS", "ChineseTextEncoder", "context_length", "default_tokenizer",
+           "prompt_chunks", "token_count", "toy_config"]
 
 CHUNK_TOKENS = 50
-CONTEXT_TOKENS = CHUNK_TOKENS + 2
+CONTEXT_TOKENS = CHUNK_TOKENS + 2  # one chunk as the text tower reads it: [CLS] + 50 + [SEP]
 DEFAULT_MAX_CHUNKS = 5
+
+
+def context_length(chunks: int) -> int:
+    """Tokens in the context of `chunks` chunks: ``50*k + 2`` (the inner [SEP]/[CLS] are dropped)."""
+    return CHUNK_TOKENS * chunks + 2
 
 # The ChineseCLIPTextConfig fields that define the network; everything else in a
 # transformers config dict (versions, labels, return_dict ...) is ignored on purpose.
@@ -115,7 +121,6 @@ class ChineseTextEncoder(nn.Module):
         *,
         max_chunks: int = DEFAULT_MAX_CHUNKS,
         attend_to_padding: bool = True,
-        trim_inner_specials: bool = False,
     ):
         super().__init__()
         from transformers import ChineseCLIPTextModel
@@ -131,7 +136,6 @@ class ChineseTextEncoder(nn.Module):
             raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
         self.max_chunks = max_chunks
         self.attend_to_padding = attend_to_padding
-        self.trim_inner_specials = trim_inner_specials
         # BDM never trains the text encoder: frozen, and dropout always off.
         self.requires_grad_(False)
         self.train(False)
@@ -283,9 +287,11 @@ class ChineseTextEncoder(nn.Module):
         return self.model(input_ids, attention_mask=mask)[0]
 
     def encode(self, prompts: list[str] | str, min_chunks: int = 1, *, no_grad: bool = True) -> torch.Tensor:
-        """Prompts -> [B, 52*k, hidden] (``50*k + 2`` with ``trim_inner_specials``).
+        """Prompts -> [B, 50*k + 2, hidden], the official layout (see the module docstring).
 
         k = max(min_chunks, chunks of the longest prompt), capped at ``max_chunks`` per prompt.
+        Encode a prompt and its negative together (or pass the same ``min_chunks``) so that both
+        are laid out over the same k chunks, as the official inference does.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -296,10 +302,8 @@ class ChineseTextEncoder(nn.Module):
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             z = self(ids.reshape(b * k, n)).reshape(b, k, n, -1)
             z = apply_weights(z, weights.to(z.device))
-            if self.trim_inner_specials and k > 1:
-                parts = [z[:, 0, :-1]] + [z[:, c, 1:-1] for c in range(1, k - 1)] + [z[:, -1, 1:]]
-                return torch.cat(parts, dim=1)
-            return z.reshape(b, k * n, -1)
+            # the first chunk's [CLS], every chunk's 50 token positions, the last chunk's last position
+            return torch.cat([z[:, 0, :1], z[:, :, 1:-1].flatten(1, 2), z[:, -1, -1:]], dim=1)
 
 
 _DEFAULT_TOKENIZER = None

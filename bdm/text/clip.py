@@ -19,69 +19,33 @@ One deliberate difference: A1111 restores the mean over the whole batch of a chu
 encoding depends on the other prompts encoded with it; here it is restored per row. Identical when a
 batch holds one distinct prompt (A1111's usual case).
 
-The tokenizer is the OpenAI CLIP algorithm without the ftfy dependency: text fixes, NFC, whitespace runs
-→ one space, strip, lower-case, the CLIP regex, byte-level BPE with `</w>`. The WebUI tokenizes with
-transformers 4.x's Python `CLIPTokenizer`, which runs `ftfy.fix_text` (ftfy comes with open_clip in
-every WebUI install). Its deterministic fixes that matter for prompts are re-implemented here
-(`fix_text=True`, the default): curly → straight quotes, full-width → normal width (`，` → `,`, a
-comma for the chunker too), Latin ligatures. Not re-implemented: ftfy's heuristic mojibake repair and
-HTML-entity decoding. With `fix_text=False` the ids are exactly those of transformers' Rust-backed
-CLIP tokenizer.
+The tokenizer is transformers' Rust-backed `CLIPTokenizerFast` on the vocabulary shipped in
+`bdm/data/clip_tokenizer` (`vocab.json` + `merges.txt`, the folder `python -m bdm.toy export-webui` also
+hands the WebUI). The WebUI tokenizes with transformers 4.x's Python `CLIPTokenizer`, which first runs
+`ftfy.fix_text` (ftfy comes with open_clip in every WebUI install); the Rust tokenizer does not. So
+ftfy's deterministic fixes that matter for prompts run first (`fix_text=True`, the default): curly →
+straight quotes, full-width → normal width (`，` → `,`, a comma for the chunker too), Latin ligatures.
+Not applied: ftfy's heuristic mojibake repair and HTML-entity decoding.
 """
 from __future__ import annotations
 
-import gzip
 import unicodedata
 from dataclasses import dataclass, field
-from functools import lru_cache
-from itertools import pairwise
 from pathlib import Path
 
-import regex
 import torch
 from torch import nn
 
 from .emphasis import apply_weights
 
-BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 CHUNK_LENGTH = 75  # prompt tokens per chunk; +BOS +EOS = 77 positions
 COMMA_PADDING_BACKTRACK = 20  # A1111 default
 BREAK_WEIGHT = -1.0
-_PAT = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
-                     r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
-_WHITESPACE = regex.compile(r"\s+")
 
 
-def default_bpe_path() -> Path:
-    """The CLIP BPE merges shipped in `bdm/data` (from open_clip_torch)."""
-    return Path(__file__).resolve().parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte → printable character table (bytes that print stay themselves)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-@lru_cache(maxsize=2)
-def _load_bpe(path: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-    """(merges, vocabulary in id order) built from the gz merges file the way OpenAI/open_clip do."""
-    with gzip.open(path) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = tuple(tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1])
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab]
-    vocab += ["".join(m) for m in merges]
-    vocab += [BOS_TOKEN, EOS_TOKEN]
-    return merges, tuple(vocab)
+def tokenizer_dir() -> Path:
+    """The CLIP tokenizer folder shipped in `bdm/data` (OpenAI CLIP's BPE: vocab.json + merges.txt)."""
+    return Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
 
 
 def _width_map() -> dict[int, str]:
@@ -103,77 +67,39 @@ _LIGATURES = {ord(k): v for k, v in {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": 
 _FIXES = {**_LIGATURES, **_width_map()}
 
 
-def clean_text(text: str, fix_text: bool = True) -> str:
-    """CLIP's text normalisation: (ftfy's deterministic fixes,) NFC, whitespace → one space, strip, lower."""
-    if fix_text:  # ftfy order: ligatures, width, quotes
-        text = text.translate(_FIXES).translate(_QUOTES)
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip().lower()
+def ftfy_fixes(text: str) -> str:
+    """ftfy's deterministic fixes, in its order: ligatures, character width, quotes."""
+    return text.translate(_FIXES).translate(_QUOTES)
 
 
 class CLIPTokenizer:
-    """OpenAI CLIP byte-level BPE (vocab 49408, BOS 49406, EOS 49407), pure Python, offline."""
+    """SD1's CLIP BPE (vocab 49408, BOS 49406, EOS 49407): `encode(text)` → ids without BOS/EOS."""
 
-    def __init__(self, bpe_path: str | Path | None = None, fix_text: bool = True):
-        merges, vocab = _load_bpe(str(bpe_path or default_bpe_path()))
+    def __init__(self, folder: str | Path | None = None, fix_text: bool = True):
+        from transformers import CLIPTokenizerFast
+        folder = Path(folder) if folder is not None else tokenizer_dir()
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder}: no {name} (a CLIP tokenizer folder has vocab.json + merges.txt)")
+        self.backend = CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
         self.fix_text = fix_text
-        self.merges = merges
-        self.encoder = {token: i for i, token in enumerate(vocab)}
-        self.decoder = dict(enumerate(vocab))
-        self.bpe_ranks = {pair: i for i, pair in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
-        self.bos_token_id = self.encoder[BOS_TOKEN]
-        self.eos_token_id = self.encoder[EOS_TOKEN]
-        self.comma_token_id = self.encoder[",</w>"]
-        self._cache = {BOS_TOKEN: BOS_TOKEN, EOS_TOKEN: EOS_TOKEN}
+        self.bos_token_id = self.backend.bos_token_id
+        self.eos_token_id = self.backend.eos_token_id
+        self.comma_token_id = self.backend.convert_tokens_to_ids(",</w>")
 
     def __len__(self) -> int:
-        return len(self.encoder)
-
-    def get_vocab(self) -> dict[str, int]:
-        return dict(self.encoder)
-
-    def bpe(self, token: str) -> str:
-        """Space-separated BPE pieces of one pre-token (already byte-encoded)."""
-        if token in self._cache:
-            return self._cache[token]
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        while len(word) > 1:
-            pairs = set(pairwise(word))
-            bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if bigram not in self.bpe_ranks:
-                break
-            first, second = bigram
-            merged, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = tuple(merged)
-        result = " ".join(word)
-        if len(self._cache) > 100_000:  # long-running WebUI: keep memory bounded
-            self._cache = {BOS_TOKEN: BOS_TOKEN, EOS_TOKEN: EOS_TOKEN}
-        self._cache[token] = result
-        return result
+        return len(self.backend)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS (A1111 tokenizes with `add_special_tokens=False`)."""
-        ids = []
-        for piece in _PAT.findall(clean_text(text, self.fix_text)):
-            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
-        return ids
+        return self([text])[0]
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
+        texts = [ftfy_fixes(t) for t in texts] if self.fix_text else list(texts)
+        return self.backend(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        text = "".join(self.decoder[i] for i in ids)
-        data = bytearray(self.byte_decoder[c] for c in text)
-        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        return self.backend.decode(ids, skip_special_tokens=True).strip()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -576,7 +576,7 @@ def train_from_shipped(out: Path, data: dict[str, Pool], steps: Steps, seed: int
             with log.stage("DreamBooth"):
                 tuned = train_dreambooth(unet, text, data["outline"], steps, gen, seed)
                 save_checkpoint(out / paths.dreambooth_checkpoint().name, half(tuned), half(vae), half(text),
-                                paths.CLIP_DIR_NAME, latent_size=8)
+                                paths.CLIP_DIR_NAME, latent_size=8, clip_tokenizer=False)
         elif name == "ti":
             with log.stage("Textual Inversion"):
                 vectors = train_ti(unet, text, data["base"], steps, gen, seed)
@@ -650,7 +650,7 @@ def build(out_dir: Path | None = None, quick: bool = False, seed: int = 0, scale
     with log.stage("English SD"):
         unet, text = train_backbone(data["base"], steps, gen, seed)
         save_checkpoint(out / paths.backbone_checkpoint().name, half(unet), half(vae), half(text),
-                        paths.CLIP_DIR_NAME, latent_size=8)
+                        paths.CLIP_DIR_NAME, latent_size=8, clip_tokenizer=False)
     judged = train_from_shipped(out, data, steps, seed, log)
     report = {"seed": seed, "quick": quick, "scale": scale, "steps": steps.__dict__, "stage_seconds": log.times,
               "vae_mse": vae_mse, "vae_scale_factor": vae.config.scale_factor, **judged}

@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..formats.checkpoint import write_clip_tokenizer
 from . import domain as D
 from . import paths
 
@@ -37,7 +38,8 @@ def export_webui(a1111_dir: str | Path, weights: str | Path | None = None, quiet
 
     if clip_dir.exists():
         shutil.rmtree(clip_dir)
-    shutil.copytree(w / paths.CLIP_DIR_NAME, clip_dir)
+    shutil.copytree(w / paths.CLIP_DIR_NAME, clip_dir)  # the toy CLIP's config.json
+    write_clip_tokenizer(clip_dir)  # the package's one copy of the CLIP vocabulary
     written.append(clip_dir)
     for ckpt in (paths.backbone_checkpoint().name, paths.dreambooth_checkpoint().name):
         put(w / ckpt, sd / ckpt)

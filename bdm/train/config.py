@@ -114,7 +114,8 @@ class TrainConfig:
     validation_steps: int = opt(20, "sampler steps for validation images")
     validation_cfg: float = opt(7.5, "classifier-free guidance scale for validation images")
     validation_sampler: str = opt("DPM++ 2M", "sampler for validation images (WebUI name)")
-    save_dtype: str = opt("fp16", "dtype of the exported BDM file", choices=["fp16", "bf16", "fp32"])
+    save_dtype: str = opt("fp16", "dtype of the branch in the exported BDM file (its Chinese encoder stays fp32)",
+                          choices=["fp16", "bf16", "fp32"])
 
     # -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

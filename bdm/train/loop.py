@@ -516,9 +516,9 @@ class Trainer:
         bridge.eval()
         try:
             with torch.autocast(self.device.type, DTYPES[c.mixed_precision], enabled=c.mixed_precision != "no"):
-                chinese = self.chinese.encode(list(c.validation_prompts))
-                k = chinese.shape[1] // 52
-                uncond = self.chinese.encode([""], min_chunks=k)
+                # prompts and "" over the same chunks, as the official inference lays out prompt and negative
+                both = self.chinese.encode(list(c.validation_prompts) + [""])
+                chinese, uncond = both[:-1], both[-1:]
                 images = generate(self.unet, self.vae, bridge, chinese, uncond, self.english, self.latent_size,
                                   c.validation_steps, c.validation_cfg, c.validation_sampler, seed=c.seed)
         finally:

@@ -14,14 +14,14 @@ def generate(unet, vae, bridge, chinese: torch.Tensor, uncond: torch.Tensor, eng
              latent_size: int, steps: int = 20, cfg_scale: float = 7.5, sampler: str = "DPM++ 2M",
              seed: int = 0, strength: float = 1.0) -> torch.Tensor:
     """Images in [0, 1] ([N, 3, H, W]) for N Chinese contexts `chinese` ([N, L, H]); `uncond` is the
-    Chinese "" context ([1, L', H]), `english` the backbone's "" context ([1, 77, H])."""
+    Chinese "" context ([1, L, H], encoded with them so that it has as many chunks), `english` the
+    backbone's "" context ([1, 77, H])."""
     device, dtype = next(unet.parameters()).device, unet.dtype
     n = chinese.shape[0]
-    length = max(chinese.shape[1], uncond.shape[1])
-    pad = lambda c: torch.cat([c, c[:, -1:].expand(-1, length - c.shape[1], -1)], 1) if c.shape[1] < length else c
-    # Chinese contexts of different lengths cannot share a batch: pad by repeating the last token only
-    # when needed (prompts of one chunk are all 52 long, so this never happens for them).
-    rows = torch.cat([pad(uncond).expand(n, -1, -1), pad(chinese)]).to(device, dtype)
+    if uncond.shape[1] != chinese.shape[1]:
+        raise ValueError(f"the Chinese contexts have {chinese.shape[1]} tokens but the unconditional one "
+                         f"{uncond.shape[1]}: encode them together (one call of ChineseTextEncoder.encode)")
+    rows = torch.cat([uncond.expand(n, -1, -1), chinese]).to(device, dtype)
     en = english.to(device, dtype)
     eps = EpsDenoiser(lambda x, t: unet(x, t, context=en.expand(x.shape[0], -1, -1))).to(device)
 

@@ -7,7 +7,8 @@ generation ends or fails. In between:
   `CompVisTimestepsDenoiser`) finds the rows `[a, b)` of `x_in` its call covers (`CallRows.locate`:
   data-pointer offset of the view, or the next rows in order) and a forward hook clears them;
 - `bdm.attach` on the UNet asks, per UNet call, for the strength and the Chinese context of those rows:
-  positive prompt for cond rows (every AND-subprompt of an image), negative prompt for uncond rows.
+  positive prompt for cond rows (every AND-subprompt of an image), negative prompt for uncond rows, each
+  at the denoiser's step of the current pass (prompt editing; the hires pass has its own schedules).
 A UNet call that happens outside a known inner call (another extension calling the UNet directly)
 gets nothing from the branch (strength 0), with one warning.
 
@@ -19,7 +20,7 @@ generation and reaches the user (the UI's error box; the API's error response).
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 from torch import nn
 
@@ -29,21 +30,29 @@ from .errors import BdmError
 from .layout import CallRows, RowRole, cfg_rows
 from .manager import bridge_refusal
 
+Prompt = Union[str, Sequence[Sequence]]  # a Chinese prompt, or its schedule [[end_at_step, text], ...]
 _ALWAYS_CALL = "always_call" in inspect.signature(nn.Module.register_forward_hook).parameters
 
 
 class BdmRun:
     """The branch of one generation: attachment, inner-model hooks and the row → context lookup."""
 
-    def __init__(self, bridge, bank: ContextBank | None, positive: Sequence[str], negative: Sequence[str],
-                 strength: float = 1.0, log: Callable[[str], None] = print):
+    def __init__(self, bridge, bank: ContextBank | None, positive: Sequence[Prompt], negative: Sequence[Prompt],
+                 strength: float = 1.0, log: Callable[[str], None] = print,
+                 hires: tuple[Sequence[Prompt], Sequence[Prompt]] | None = None):
+        """`positive`/`negative`: per image, the prompt or its schedule in the first pass; `hires`: the
+        same pair for the hires pass (its schedules count its own steps)."""
         self.bridge, self.bank, self.strength, self.log = bridge, bank, float(strength), log
         self.error: BdmError | None = None  # set: stop the generation at the next denoiser call
         self.stop_on_failure = True  # a pass that cannot take the branch stops the generation (else warns)
+        self.tables: dict[bool, tuple[list[int], list[int]]] = {}  # hires pass? -> (positive, negative) slots
         if bank is not None:
-            self.positive = [bank.index[p] for p in positive] or [0]
-            self.negative = [bank.index[p] for p in negative] or [0]
+            for is_hires, pair in ((False, (positive, negative)), (True, hires)):
+                if pair is not None:
+                    self.tables[is_hires] = tuple([bank.slot(p) for p in prompts] or [0] for prompts in pair)
         self.image_offset = 0  # global index of image 0 of the current batch (p.iteration * batch_size)
+        self.step = 0  # the denoiser's step in the current pass (the WebUI's CFGDenoiser.step)
+        self.hires = False  # the current pass is the hires pass
         self.attachment: Attachment | None = None
         self._inner: dict[int, tuple[nn.Module, list]] = {}
         self._call: CallRows | None = None
@@ -97,12 +106,15 @@ class BdmRun:
 
     # -- per denoiser call -----------------------------------------------------------------------
     def denoiser_call(self, x_in, n_cond: int, n_uncond: int, conds_batch=None, inner_model: nn.Module | None = None,
-                      unet: nn.Module | None = None, refusal: str | None = None) -> None:
+                      unet: nn.Module | None = None, refusal: str | None = None, step: int = 0,
+                      hires: bool = False) -> None:
         """A `CFGDenoiser.forward` call is about to run its inner model on row slices of `x_in`
         (`n_cond` cond rows, `n_uncond` uncond rows of text; `conds_batch`: the WebUI's AND-subprompt
-        lists per image) with `unet`. `refusal`: why this pass's model cannot take BDM (None: it can).
-        A pass that cannot take the branch stops the generation, or (`stop_on_failure` False) runs
+        lists per image) with `unet`, at the denoiser's step `step` (the step the WebUI picks the English
+        conds at) of the first or hires pass. `refusal`: why this pass's model cannot take BDM (None: it
+        can). A pass that cannot take the branch stops the generation, or (`stop_on_failure` False) runs
         without it, with a warning."""
+        self.step, self.hires = int(step), bool(hires)
         if inner_model is not None:
             self.hook_inner(inner_model)
         if self.error is not None or self.bridge is None:
@@ -168,13 +180,18 @@ class BdmRun:
         a, b = self._current(x)
         roles = self._call.roles_for(a, b)
         self.unet_calls += 1
-        return self.bank.rows([self.prompt_index(r) for r in roles])
+        return self.bank.rows([self.prompt_index(r) for r in roles], self.step)
 
     def prompt_index(self, role: RowRole) -> int:
-        """Index into the bank of the Chinese prompt of a row: positive for cond rows (all AND
-        subprompts of the image), negative for uncond rows; per-image lists wrap around."""
+        """Slot in the bank of the Chinese prompt of a row in the current pass: positive for cond rows
+        (all AND subprompts of the image), negative for uncond rows; per-image lists wrap around."""
+        tables = self.tables.get(self.hires)
+        if tables is None:
+            self.warn("hires", "BDM: no Chinese prompt schedule was prepared for the hires pass; it uses "
+                       "the first pass's")
+            tables = self.tables[False]
         g = self.image_offset + role.image
-        table = self.positive if role.is_cond else self.negative
+        table = tables[0] if role.is_cond else tables[1]
         return table[g % len(table)]
 
     def warn(self, key: str, message: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ..text.prompt_schedule import PromptSyntaxError
 from .api_args import BdmArgs
 from .context import ContextBank, EncodingCache
 from .errors import BdmError
@@ -89,12 +90,22 @@ class Session:
         return run
 
     def begin(self, p, args: BdmArgs, entries: Sequence[ModelEntry], unet, refusal: str | None, n_images: int,
-              settings: Settings, device=None, dtype=None, log: Callable[[str], None] | None = None) -> BdmRun:
+              settings: Settings, device=None, dtype=None, log: Callable[[str], None] | None = None,
+              schedules: Callable | None = None) -> BdmRun:
         """Load the model `args` ask for, encode the Chinese prompts of `n_images` images and open the run
         of `p` (not yet attached). `refusal`: why the loaded checkpoint cannot take BDM (None: it can).
-        Raises BdmError."""
+        `schedules(positive, negative) -> (first pass, hires pass or None)`: the prompts' schedules
+        (prompt editing, alternation; `bdm.text.prompt_schedule.PassSchedules`) as the host's own prompt
+        parser makes them; without it every prompt holds for all steps. Raises BdmError."""
         if refusal:
             raise BdmError(f"BDM is not applied: {refusal}", 409)
+        positive, negative = args.prompts(n_images)
+        first = hires = None
+        if schedules is not None:
+            try:
+                first, hires = schedules(positive, negative)
+            except PromptSyntaxError as e:
+                raise BdmError(str(e), 422) from None
         if not entries:
             raise BdmError(no_models_message(settings.model_folders), 422)
         try:
@@ -111,10 +122,15 @@ class Session:
         encoder = bridge.text_encoder
         encoder.to("cpu" if settings.encoder_on_cpu else device)
         self.cache.resize(settings.cache_size)
-        positive, negative = args.prompts(n_images)
-        bank = ContextBank(encoder, positive + negative, self.cache, model_key=f"{entry.path}|{entry.hash}",
-                           device=device, dtype=dtype)
-        run = BdmRun(bridge, bank, positive, negative, args.strength, log=log or self.log)
+        if first is None:
+            bank = ContextBank(encoder, positive + negative, self.cache, model_key=f"{entry.path}|{entry.hash}",
+                               device=device, dtype=dtype)
+            run = BdmRun(bridge, bank, positive, negative, args.strength, log=log or self.log)
+        else:
+            bank = ContextBank(encoder, first.all() + (hires.all() if hires else []), self.cache,
+                               model_key=f"{entry.path}|{entry.hash}", device=device, dtype=dtype)
+            run = BdmRun(bridge, bank, first.positive, first.negative, args.strength, log=log or self.log,
+                         hires=(hires.positive, hires.negative) if hires else None)
         run.entry = entry
         run.infotext = infotext_params(entry.name, entry.hash, positive, negative, args.strength)
         self.last_used = entry.title

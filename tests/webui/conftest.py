@@ -119,8 +119,10 @@ def _make_foreign(a1111: Path) -> str:
     """Tiny SD2 / SDXL / SD1-inpainting checkpoints (bdm-test-*) and the test-support extension, built
     with the WebUI's python (tests/webui/foreign.py); rebuilt only when foreign.py changed."""
     from tests.webui import foreign
+    from tests.webui import schedule_probe
     script = Path(foreign.__file__)
     foreign.write_support_extension(a1111)
+    schedule_probe.write(a1111)
     outs = [a1111 / "models" / "Stable-diffusion" / f"{n}.safetensors" for n in foreign.NAMES.values()]
     if all(o.is_file() and o.stat().st_mtime >= script.stat().st_mtime for o in outs):
         return "up to date"

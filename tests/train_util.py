@@ -1,12 +1,16 @@
-"""Helpers for the trainer tests (no tests here): a tiny SD1.x checkpoint on disk, toy datasets."""
+"""Helpers for the trainer tests: a tiny SD1.x checkpoint on disk, toy datasets, the learning check.
+Imported by test modules (test modules never import each other); fixtures live in conftest.py."""
 from __future__ import annotations
 
+import io
 import json
+import statistics
+import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
+from PIL import Image
 
 COLOURS = {"红色": (220, 30, 30), "绿色": (30, 200, 40), "蓝色": (30, 40, 220), "黄色": (230, 210, 30)}
 
@@ -148,11 +152,97 @@ def shared_backbone(tmp_path_factory, pretrain_size: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny steps: one intra-op thread is faster, and far faster on a busy shared machine (two
-    threads on an oversubscribed CPU made the learning test 8× slower). Import into a test module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def write_shards(folder: Path, n_shards: int, per_shard: int, bad: bool = False) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, k = [], 0
+    for s in range(n_shards):
+        path = folder / f"{s:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"{k:09d}"
+                k += 1
+                ext, image = ("webp", None) if i % 3 == 2 else ("jpg" if i % 2 else "png", None)
+                buf = io.BytesIO()
+                Image.new("RGB", (10, 8), (k % 255, 0, 0)).save(buf, format={"jpg": "JPEG", "png": "PNG",
+                                                                              "webp": "WEBP"}[ext])
+                members = {f"{key}.{ext}": buf.getvalue()}
+                members[f"{key}.txt" if i % 2 else f"{key}.json"] = (
+                    f"第{k}".encode() if i % 2 else json.dumps({"caption": f"第{k}"}).encode())
+                if bad and i == 1:
+                    members[f"{key}.{ext}"] = b""
+                if bad and i == 2:
+                    members = {f"{key}.{ext}": buf.getvalue()}  # no caption
+                for name, content in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+        paths.append(str(path))
+    return paths
+
+
+def write_mixed_set(folder: Path, bad: bool = False) -> Path:
+    """Colour blocks in landscape, portrait and square pictures (JSONL), optionally with a broken file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, rng = [], np.random.default_rng(0)
+    shapes = [(40, 20), (20, 40), (24, 24), (36, 20), (18, 34), (30, 30)]
+    for k, (w, h) in enumerate(shapes * 2):
+        name, rgb = list(COLOURS.items())[k % 4]
+        arr = np.full((h, w, 3), 128, dtype=np.uint8)
+        arr[h // 4:h - h // 4, w // 4:w - w // 4] = np.clip(np.array(rgb) + rng.integers(-15, 16, 3), 0, 255)
+        Image.fromarray(arr).save(folder / f"{k:04d}.png")
+        rows.append({"image": f"{k:04d}.png", "text": name})
+    if bad:
+        (folder / "broken.png").write_bytes(b"not a picture")
+        rows.append({"image": "broken.png", "text": "红色"})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+SIZE, REPEAT = 16, 8
+
+
+def train_and_check_steering(tmp_path, tmp_path_factory, **options):
+    """Train 300 steps (`options` override the trainer config, e.g. device / mixed precision), then
+    check that the loss fell and that the exported branch steers generation (sampled on the CPU, fp32)."""
+    import bdm
+    from bdm.formats.checkpoint import load_checkpoint
+    from bdm.sampling import EpsDenoiser, sample
+    from bdm.train import Trainer
+    ckpt = shared_backbone(tmp_path_factory, pretrain_size=SIZE)
+    data = write_colour_set(tmp_path / "data", size=SIZE, repeat=REPEAT)
+    result = Trainer(config(tmp_path, ckpt, data, resolution=SIZE, max_steps=300, cache_latents=True, batch_size=8,
+                            learning_rate=2e-3, lr_warmup_steps=10, log_every=50, random_flip=False,
+                            **options)).run()
+    losses = [h["loss"] for h in result["history"]]
+    first, last = statistics.mean(losses[:30]), statistics.mean(losses[-30:])
+    assert last < 0.8 * first, (first, last)
+
+    sd = load_checkpoint(ckpt)
+    bridge = bdm.load_bridge(tmp_path / "out" / "bdm.safetensors").float()
+    chinese, english = bridge.text_encoder, sd.text_encoder.encode([""])
+
+    def latent(name):
+        image = torch.from_numpy(colour_block(COLOURS[name], SIZE, 0)).permute(2, 0, 1).float() / 127.5 - 1
+        return sd.vae.encode(image[None])[0]
+    direction = latent("红色") - latent("蓝色")
+    direction = direction / direction.norm()
+    eps = EpsDenoiser(lambda x, t: sd.unet(x, t, context=english.expand(x.shape[0], -1, -1)))
+    n, scale = 6, 3.0
+    uncond = chinese.encode([""] * n)
+
+    def redness(name):
+        cond = chinese.encode([caption(name, REPEAT)] * n)
+        noise = torch.randn((n, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(0))
+
+        def cfg(x, sigma):
+            u, c = eps(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
+            return u + scale * (c - u)
+        with torch.no_grad(), bdm.attach(sd.unet, bridge, torch.cat([uncond, cond])):
+            z = sample("Euler", cfg, noise, 20, sigma_schedule=eps)
+        return (z * direction).sum(dim=(1, 2, 3))
+    red, blue = redness("红色"), redness("蓝色")
+    # same seeds, only the Chinese caption differs: every "红色" image is redder than its "蓝色" twin
+    assert (red > blue).all(), (red, blue)
+    assert (red - blue).mean() > 0.5, (red, blue)
+    return first, last, (red - blue).mean().item()
