@@ -132,6 +132,12 @@ def test_counter_marks_an_over_long_prompt_with_one_class_attribute():
     assert "class='gr-box gr-text-input bdm-over'" in over and ">300/250<" in over
 
 
+def test_counter_counts_the_longest_text_of_a_prompt_edit():
+    assert ">5/50<" in counter_html("[红色:蓝色的圆形:0.5]")  # 蓝色的圆形, not the 11 characters typed
+    assert ">2/50<" in counter_html("[红色|蓝色]")
+    assert ">5/50<" in counter_html("[红色:蓝色")  # still being typed: counted as it stands, ":" included
+
+
 def test_route_dependencies_come_from_the_webuis_api():
     auth = object()
     app = types.SimpleNamespace(routes=[types.SimpleNamespace(path="/docs"),

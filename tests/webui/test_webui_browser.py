@@ -17,7 +17,7 @@ from tests.webui.conftest import BASE, DEFAULT_OPTS, chromium_paths
 from tests.webui.models import TEST_MODEL, WRONG_MODEL
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-PROMPT = "车水马龙的街道，红色的灯笼"
+PROMPT = "车水马龙的街道，[红色:蓝色:0.5]的灯笼"  # with prompt editing: red lanterns, blue from halfway
 NEGATIVE = "模糊，低质量"
 LONG = "红色的圆形" * 60  # 300 tokens: more than the 250 the encoder takes
 
@@ -180,8 +180,8 @@ def test_the_chinese_prompt_in_the_webui(webui, browser):
     page.generate()
     assert page.css("#txt2img_gallery img"), "no image"
     info = page.one("#html_info_txt2img").text
-    for field in (f"BDM model: {TEST_MODEL}", f"BDM prompt: {PROMPT}", f"BDM negative prompt: {NEGATIVE}",
-                  "BDM strength: 1"):
+    for field in (f"BDM model: {TEST_MODEL}", f'BDM prompt: "{PROMPT}"', f"BDM negative prompt: {NEGATIVE}",
+                  "BDM strength: 1"):  # (the WebUI quotes a value with ":")
         assert field in info, info
     assert not page.css("#html_log_txt2img .error")
     page.shot("txt2img.png")
