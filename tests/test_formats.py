@@ -110,7 +110,7 @@ def test_wrong_shape_and_newer_version_are_named(tmp_path, bdm_path):
     tensors[key] = torch.zeros(tensors[key].shape[0], 1024)
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
-    with pytest.raises(FormatError, match=r"bad.safetensors: .*'input_blocks.1.1.transformer_blocks.0.attn2"
+    with pytest.raises(FormatError, match=r"bad.safetensors: .*'bridge.input_blocks.1.1.transformer_blocks.0.attn2"
                                           r".to_k.weight' has shape \(32, 1024\), expected \(32, 64\)"):
         bdm.load_bridge(bad)
     newer = tmp_path / "newer.safetensors"
@@ -120,7 +120,7 @@ def test_wrong_shape_and_newer_version_are_named(tmp_path, bdm_path):
     missing = tmp_path / "missing.safetensors"
     save_file({k: v for k, v in load_file(str(path)).items() if "zero_convs.2" not in k}, str(missing),
               metadata=meta)
-    with pytest.raises(FormatError, match=r"missing.safetensors: .* 2 missing \(first: 'zero_convs.2.0.weight'\)"):
+    with pytest.raises(FormatError, match=r"missing.safetensors: .* 2 missing \(first: 'bridge.zero_convs.2.0.weight'\)"):
         bdm.load_bridge(missing)
 
 

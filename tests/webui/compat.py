@@ -36,10 +36,11 @@ class World:
         return f"<lora:{self.lora}:{self.lora_weight:g}> {self.trigger}".strip()
 
     def bdm_args(self, prompt=None, **kw) -> dict:
-        args = {"enabled": True, "prompt": self.prompts[0][0] if prompt is None else prompt,
-                "negative_prompt": "", "model": self.bdm, "strength": 1.0}
+        """`alwayson_scripts` for BDM: the WebUI's positional `args` list."""
+        args = {"enabled": True, "model": self.bdm, "strength": 1.0,
+                "prompt": self.prompts[0][0] if prompt is None else prompt, "negative_prompt": ""}
         args.update(kw)
-        return {"BDM": {"args": args}}
+        return {"BDM": {"args": [args[k] for k in ("enabled", "model", "strength", "prompt", "negative_prompt")]}}
 
 
 def make_world(a1111: Path) -> World:
@@ -128,6 +129,11 @@ def info(r) -> dict:
 
 def bdm_error(r) -> str:
     return info(r)["extra_generation_params"].get("BDM error", "")
+
+
+def probe_state(webui) -> dict:
+    """Diagnostics of the test-only probe extension (tests/webui/support/bdm_test_probe.py)."""
+    return webui.get("/bdm-test/state")
 
 
 def payload(world: World, scripts: dict | None = None, **kw) -> dict:

@@ -54,13 +54,17 @@ def _python(a1111: Path) -> str:
 
 
 class WebUI:
-    def __init__(self, url: str, a1111: Path, proc):
+    def __init__(self, url: str, a1111: Path, proc, auth: tuple[str, str] | None = None):
         self.url, self.dir, self.proc = url, a1111, proc
+        self.headers = {}
+        if auth:
+            self.headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
 
-    def call(self, method: str, path: str, payload=None, timeout: float = 600):
+    def call(self, method: str, path: str, payload=None, timeout: float = 600, headers: dict | None = None):
         data = json.dumps(payload).encode() if payload is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **(self.headers if headers is None else headers)})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.load(r)
@@ -134,12 +138,13 @@ def prepare_models(a1111: Path) -> dict:
     global _PREPARED
     if _PREPARED is None:
         sys.path.insert(0, str(REPO))
-        from tests.webui.models import (TEST_MODEL_2, make_finetuned_checkpoint, make_test_bdm,
+        from tests.webui.models import (TEST_MODEL_2, make_broken_files, make_finetuned_checkpoint, make_test_bdm,
                                         make_test_embedding, make_wrong_file)
         _link_extension(a1111)
         make_test_bdm(a1111)
         make_test_bdm(a1111, TEST_MODEL_2, seed=1)
         make_wrong_file(a1111)
+        make_broken_files(a1111)
         make_test_embedding(a1111)
         make_finetuned_checkpoint(a1111)
         _PREPARED = {"foreign": _make_foreign(a1111)}
@@ -163,14 +168,12 @@ def _controlnet_channels(a1111: Path) -> str:
 
 
 def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Path | None = None,
-                 skip_install: bool = False, debug: bool = True) -> "WebUI":
+                 skip_install: bool = False, auth: tuple[str, str] | None = None) -> "WebUI":
     """Start a WebUI on a free port and wait until its API answers. `settings_file`: a private copy of
     config.json (so that a second server never writes the main one)."""
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PORT=str(port), TINY_CONTROLNET_MODEL_CHANNELS=_controlnet_channels(a1111))
-    if debug:
-        env["BDM_WEBUI_DEBUG"] = "1"  # test-only diagnostics routes (bdm/webui/debug.py)
     # run.sh's flags minus --skip-install (so install paths are live) and minus --nowebui (gradio UI on);
     # --skip-prepare-environment keeps the WebUI from reinstalling its own requirements offline.
     cmd = [_python(a1111), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
@@ -183,10 +186,12 @@ def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Pat
         cmd.append("--skip-install")
     if settings_file is not None:
         cmd += ["--ui-settings-file", str(settings_file)]
+    if auth:
+        cmd += ["--api-auth", ":".join(auth)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=a1111, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    server = WebUI(f"http://127.0.0.1:{port}", a1111, proc)
+    server = WebUI(f"http://127.0.0.1:{port}", a1111, proc, auth)
     server.log = log_path
     server._log_file = log
     server.cmd = cmd
@@ -195,6 +200,13 @@ def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Pat
         if proc.poll() is not None:
             stop_server(server)
             pytest.fail(f"the WebUI exited with {proc.returncode}; see {log_path}")
+        # A request that reaches the app before the WebUI has added its API (between gradio's launch and
+        # `create_api`) makes starlette build the middleware stack, and the WebUI's own `add_middleware`
+        # then fails ("Cannot add middleware after an application has started"): ask only once the
+        # WebUI says it has started.
+        if "Startup time:" not in log_path.read_text(errors="replace"):
+            time.sleep(2)
+            continue
         try:
             if server.call("GET", "/sdapi/v1/sd-models", timeout=10)[0] == 200:
                 _wait_for_startup_model(server)
@@ -236,6 +248,30 @@ def webui():
         # the first generation: before the extension was ever used in this server
         server.baseline_payload = dict(BASE)
         server.baseline = server.txt2img(**BASE)
+        yield server
+    finally:
+        stop_server(server)
+
+
+AUTH = ("bdm-tester", "secret-pw")
+
+
+@pytest.fixture(scope="session")
+def bare_webui(webui):
+    """A second WebUI with `--api-auth` and no BDM model installed: `--models-dir` is a folder whose
+    subfolders link to the main one's, except an empty `bdm`."""
+    models = Path("/tmp/bdm-webui-bare-models")
+    shutil.rmtree(models, ignore_errors=True)
+    models.mkdir(parents=True)
+    for sub in (webui.dir / "models").iterdir():
+        if sub.is_dir() and sub.name != "bdm":
+            (models / sub.name).symlink_to(sub, target_is_directory=True)
+    (models / "bdm").mkdir()
+    settings = Path("/tmp/bdm-webui-bare-config.json")
+    shutil.copyfile(webui.dir / "config.json", settings)
+    server = start_server(webui.dir, ["--models-dir", str(models)], log_path=Path("/tmp/bdm-webui-bare.log"),
+                          settings_file=settings, skip_install=True, auth=AUTH)
+    try:
         yield server
     finally:
         stop_server(server)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.webui.compat import bdm_error, generate, info, make_world, mean_diff, same
+from tests.webui.compat import bdm_error, generate, info, make_world, mean_diff, probe_state, same
 from tests.webui.conftest import BASE, start_server, stop_server
 
 CONFIGS = {
@@ -63,7 +63,7 @@ def test_bdm_under_flags(webui, flagged):
     assert "BDM prompt" in info(on)["infotexts"][0], info(on)["infotexts"][0]
     assert same(on, again), "BDM is not deterministic under these flags"
     assert same(after, plain), "a plain generation changed after BDM was used"
-    st = flagged.get("/bdm/debug/state")
+    st = probe_state(flagged)
     assert st["last"]["unet_calls"] > 0 and st["runs"] == 0
     if flagged.name in ("medvram", "lowvram"):
         assert same(plain, ref_plain) and same(on, ref_on), f"{flagged.name} changed the images"
