@@ -2,35 +2,23 @@
 v1.10.1 (tests/fixtures/webui_layouts/*.json), and the hooking of one generation (`BdmRun`)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from torch import nn
 
 import bdm
-from bdm.unet import UNetConfig, UNetModel
+from bdm.unet import UNetModel
 from bdm.webui.context import ContextBank, EncodingCache
 from bdm.webui.errors import BdmError
 from bdm.webui.hooking import BdmRun
 from bdm.webui.layout import CallRows, RowRole, cfg_rows, cond_counts, row_offset, row_roles, rows_of
+from tests.layout_util import FIXTURES, TINY, KDiffusionLikeInner, recorded_calls, tiny_parts
 from tests.util import build_random
 
-# One level, every block type: enough for hooks and residuals, fast on a CPU.
-TINY = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
-                  num_heads=1, context_dim=64)
 CACHE = EncodingCache(256)
-FIXTURES = sorted((Path(__file__).parent / "fixtures" / "webui_layouts").glob("*.json"))
 
 
 def _recorded_role(r: dict) -> RowRole:
     return RowRole(r["role"], r["image"], r.get("subprompt", 0))
-
-
-def _calls(path):
-    doc = json.loads(path.read_text())
-    return doc, doc["denoiser_calls"]
 
 
 def test_all_26_fixtures_present():
@@ -41,7 +29,7 @@ def test_all_26_fixtures_present():
 def test_row_roles_match_every_recorded_unet_call(path):
     """For every recorded UNet call: the rows our tracker assigns it (data-pointer offset where the
     call's x is a view, and the in-order cursor alone) and their roles are exactly the recorded ones."""
-    doc, calls = _calls(path)
+    doc, calls = recorded_calls(path)
     assert calls
     for call in calls:
         recorded = [_recorded_role(r) for r in call["row_roles"]]
@@ -67,7 +55,7 @@ def test_row_roles_match_every_recorded_unet_call(path):
 def test_cfg_rows_from_what_on_cfg_denoiser_sees(path):
     """`cfg_rows` from the row counts `on_cfg_denoiser` has (x_in, text_cond, text_uncond) and the
     AND-subprompt lists: the recorded roles of every call; without the lists, too."""
-    _, calls = _calls(path)
+    _, calls = recorded_calls(path)
     for call in calls:
         recorded = [_recorded_role(r) for r in call["row_roles"]]
         n_cond, n_uncond = call["text_cond_shape"][0], call["text_uncond_shape"][0]
@@ -113,30 +101,8 @@ def test_rows_of_sdxl_dict_conds():
 def parts():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add contention
-    yield _parts()
+    yield tiny_parts()
     torch.set_num_threads(threads)
-
-
-def _parts():
-    torch.manual_seed(0)
-    unet = build_random(lambda: UNetModel(TINY), seed=1)
-    bridge = bdm.from_backbone(unet, 64).eval()
-    with torch.no_grad():
-        for p in list(bridge.zero_convs.parameters()) + list(bridge.middle_block_out.parameters()):
-            p.normal_(0, 0.05)
-    from bdm.text.chinese import ChineseTextEncoder
-    return unet, bridge, ChineseTextEncoder.tiny(seed=0)
-
-
-class KDiffusionLikeInner(nn.Module):
-    """Like k-diffusion's CompVisDenoiser: the UNet gets `x * c_in`, a new tensor (no row view)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, sigma, cond):
-        return self.unet(x * 0.5, sigma, context=cond)
 
 
 def _prompts(n_images):
@@ -149,7 +115,7 @@ def test_bdmrun_gives_each_unet_call_its_rows_contexts(path, parts):
     recorded; the UNet gets a new tensor as under k-diffusion): each UNet call's Chinese contexts are
     the positive prompt of its cond rows' images and the negative prompt of its uncond rows' images."""
     unet, bridge, enc = parts
-    doc, calls = _calls(path)
+    doc, calls = recorded_calls(path)
     batch, n_iter = doc["request"].get("batch_size", 1), doc["request"].get("n_iter", 1)
     positive, negative = _prompts(batch * n_iter)
     bank = ContextBank(enc, positive + negative, CACHE)

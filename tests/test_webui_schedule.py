@@ -10,7 +10,7 @@ import torch
 from bdm.text import prompt_schedule as ps
 from bdm.webui.context import ContextBank, EncodingCache
 from bdm.webui.hooking import BdmRun
-from tests.test_webui_layout import FIXTURES, KDiffusionLikeInner, _calls, _parts
+from tests.layout_util import FIXTURES, KDiffusionLikeInner, recorded_calls, tiny_parts
 
 CACHE = EncodingCache(256)
 SECOND_ORDER = {"Heun", "DPM++ SDE"}  # the WebUI's samplers whose total_steps is 2 × steps
@@ -20,7 +20,7 @@ SECOND_ORDER = {"Heun", "DPM++ SDE"}  # the WebUI's samplers whose total_steps i
 def parts():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield _parts()
+    yield tiny_parts()
     torch.set_num_threads(threads)
 
 
@@ -52,7 +52,7 @@ PICKED = [p for p in FIXTURES if p.stem in ("t2i_hires_b2", "i2i_b2", "t2i_heun_
 @pytest.mark.parametrize("path", PICKED, ids=lambda p: p.stem)
 def test_bdmrun_gives_each_call_the_text_of_its_step(path, parts):
     unet, bridge, enc = parts
-    doc, calls = _calls(path)
+    doc, calls = recorded_calls(path)
     request = doc["request"]
     batch, n_iter = request.get("batch_size", 1), request.get("n_iter", 1)
     positive = ["[红色:蓝色:0.5]", "[绿色|黄色]"] * batch * n_iter
