@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .unet import UNetConfig, UNetModel, build_encoder, run_block, time_embedding
+from .unet import Residuals, UNetConfig, UNetModel, build_encoder, run_block, time_embedding
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,52 @@ class Bridge(nn.Module):
             down.append(zero(h))
         h = run_block(self.middle_block, ckpt, h, emb, context)
         return down, self.middle_block_out(h)
+
+    def residuals(self, x: torch.Tensor, timesteps, context: torch.Tensor, strength=1.0,
+                  hint: torch.Tensor | None = None) -> Residuals | None:
+        """The strength-scaled `(down, mid)` for one UNet input `x` (the branch reads its first
+        `in_channels`), computed on the branch's device and dtype; None at strength 0 (nothing to add, no
+        work). `strength` is a float or one value per row; `context`, `hint` and `strength` may give one
+        row for all."""
+        weight = next(self.parameters())
+        rows = x.shape[0]
+        per_row = isinstance(strength, torch.Tensor) and strength.ndim > 0
+        if not per_row and float(strength) == 0.0:
+            return None
+        context = batch_rows(context, rows, "Chinese context")
+        if hint is not None:
+            hint = batch_rows(hint, rows, "control image").to(weight.device, weight.dtype)
+        t = torch.as_tensor(timesteps, device=weight.device)
+        down, mid = self(x[:, :self.in_channels].to(weight.device, weight.dtype), t,
+                         context.to(weight.device, weight.dtype), hint=hint)
+        if per_row:
+            strength = batch_rows(strength.reshape(-1), rows, "strength").to(weight.device, weight.dtype)
+            strength = strength.view(-1, 1, 1, 1)
+        elif float(strength) == 1.0:
+            return down, mid
+        return [d * strength for d in down], mid * strength
+
+
+def batch_rows(value: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    """`value` for a batch of `rows`: as it is, or its single row for all."""
+    if value.shape[0] == rows:
+        return value
+    if value.shape[0] == 1:
+        return value.expand(rows, *value.shape[1:])
+    raise ValueError(f"BDM: the {what} has {value.shape[0]} rows but the UNet call has {rows} "
+                     "(give one row per batch row, or a single row for all)")
+
+
+def sum_residuals(sets) -> Residuals | None:
+    """Several branches' residuals as one set (None where no branch adds anything)."""
+    sets = [s for s in sets if s is not None]
+    if not sets:
+        return None
+    down, mid = sets[0]
+    for other_down, other_mid in sets[1:]:
+        down = [a + b.to(a.dtype) for a, b in zip(down, other_down)]
+        mid = mid + other_mid.to(mid.dtype)
+    return down, mid
 
 
 def from_backbone(unet: UNetModel, context_dim: int | None = None) -> Bridge:

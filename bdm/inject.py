@@ -5,11 +5,13 @@ and block hooks fire whatever forward runs. Per UNet call:
 - a pre-hook on the UNet runs the branch on that call's x and timesteps with the rows' Chinese context
   and keeps the residuals for this call only;
 - a pre-hook on `output_blocks[j]` adds skip residual `n-1-j` to the skip half (the last C channels)
-  of the `cat([h, hs.pop()])` tensor it receives;
+  of the `cat([h, skip])` tensor it receives;
 - a forward hook on `middle_block` adds the middle residual to its output;
 - a forward hook on the UNet (also on exceptions where torch allows) drops the residuals, so blocks
   run outside a UNet call (ControlNet's reference pass) get nothing stale.
-Several attachments sum; detaching removes the hooks and leaves the UNet exactly as it was.
+Several attachments sum; detaching removes the hooks and leaves the UNet exactly as it was. The
+project's own `UNetModel` takes residuals as an argument instead (`forward(…, residuals=…)`); the two are
+tested equal.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .bridge import Bridge
+from .unet import Residuals
 
 # A value given once, or computed per UNet call from (x, timesteps, English context) — the WebUI's
 # batches change per call, so row contexts are looked up at call time.
@@ -34,15 +37,6 @@ def _call_inputs(args: tuple, kwargs: dict):
     t = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("t"))
     context = args[2] if len(args) > 2 else kwargs.get("context")
     return x, t, context
-
-
-def _rows(value: torch.Tensor, rows: int, what: str) -> torch.Tensor:
-    if value.shape[0] == rows:
-        return value
-    if value.shape[0] == 1:
-        return value.expand(rows, *value.shape[1:])
-    raise ValueError(f"BDM: the {what} has {value.shape[0]} rows but the UNet call has {rows} "
-                     "(give one row per batch row, or a single row for all)")
 
 
 class Attachment:
@@ -96,28 +90,13 @@ class Attachment:
         x, t, en_context = _call_inputs(args, kwargs)
         self._residuals = self.residuals(x, t, en_context)
 
-    def residuals(self, x: torch.Tensor, t, en_context=None):
-        """The branch's strength-scaled `(down, mid)` residuals for one UNet input (None: nothing to add)."""
-        bridge = self.bridge
-        weight = next(bridge.parameters())
-        rows = x.shape[0]
+    def residuals(self, x: torch.Tensor, t, en_context=None) -> Residuals | None:
+        """The branch's strength-scaled `(down, mid)` for one UNet input (None: nothing to add)."""
         strength = self._resolve(self.strength, x, t, en_context)
-        per_row = isinstance(strength, torch.Tensor) and strength.ndim > 0
-        if not per_row and float(strength) == 0.0:
-            return None  # strength 0: the backbone alone, and no branch work
-        context = _rows(self._resolve(self.context, x, t, en_context), rows, "Chinese context")
-        hint = self._resolve(self.hint, x, t, en_context)
-        if hint is not None:
-            hint = _rows(hint, rows, "control image").to(weight.device, weight.dtype)
-        t = torch.as_tensor(t, device=weight.device)
-        down, mid = bridge(x[:, :bridge.in_channels].to(weight.device, weight.dtype), t,
-                           context.to(weight.device, weight.dtype), hint=hint)
-        if per_row:
-            strength = _rows(strength.reshape(-1), rows, "strength").to(weight.device, weight.dtype)
-            strength = strength.view(-1, 1, 1, 1)
-        elif float(strength) == 1.0:
-            return down, mid
-        return [d * strength for d in down], mid * strength
+        if not (isinstance(strength, torch.Tensor) and strength.ndim > 0) and float(strength) == 0.0:
+            return None  # strength 0: the backbone alone, and not even the per-call context is looked up
+        return self.bridge.residuals(x, t, self._resolve(self.context, x, t, en_context), strength,
+                                     self._resolve(self.hint, x, t, en_context))
 
     def _after_unet(self, module, args, output):
         self._residuals = None
@@ -125,7 +104,11 @@ class Attachment:
     def _after_middle(self, module, args, output):
         if self._residuals is None:
             return None
-        return output + self._residuals[1].to(output.dtype)
+        mid = self._residuals[1]
+        if output.shape[0] != mid.shape[0]:
+            raise RuntimeError(f"BDM: the middle block gave {output.shape[0]} rows, the branch ran on "
+                               f"{mid.shape[0]}: with hooks, call the UNet without encoder_copies")
+        return output + mid.to(output.dtype)
 
     def _skip_hook(self, j: int):
         def add_to_skip(module, args, kwargs):

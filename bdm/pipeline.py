@@ -3,23 +3,22 @@
 Four prompts: English positive/negative go to the backbone (default "" as in training), Chinese
 positive/negative to the branch. One CFG pair per image; rows `[0, B)` are cond, `[B, 2B)` uncond —
 the WebUI's layout. Plugins stay where the community puts them: LoRA and Textual Inversion in the
-backbone and its English prompt, ControlNets as further branches reading the English context.
+backbone and its English prompt, ControlNets as further branches reading the English context. The
+pipeline owns its UNet, so the branches' residuals are summed and passed to its forward (no hooks).
 With equal English prompts (the default), the backbone's input blocks run once per CFG pair
 (`encoder_copies=2`): they see the same x, t and English context in both rows, and a branch changes
-nothing before the middle block.
+nothing before the middle block's output.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .bridge import Bridge
+from .bridge import Bridge, sum_residuals
 from .formats.checkpoint import SDCheckpoint
-from .inject import attach
 from .sampling import SAMPLERS, EpsDenoiser, sample
 
 
@@ -127,7 +126,6 @@ class Pipeline:
             if bridge.text_encoder is None:
                 raise ValueError("the BDM branch has no Chinese text encoder; give one with --chinese-clip")
             bridge.text_encoder.to(text_device)
-        self.denoiser = EpsDenoiser(checkpoint.unet).to(self.device)
 
     @property
     def latent_factor(self) -> int:
@@ -144,6 +142,17 @@ class Pipeline:
             chinese = chinese_contexts(self.bridge.text_encoder, request)
         return english.to(self.device, self.dtype), chinese
 
+    def branches(self, request: Request, chinese, step: list[int]):
+        """The branches of a request, each `(x, t, English context) -> residuals` for one UNet call;
+        `chinese(step)` is the Chinese context of the current model evaluation `step[0]`."""
+        out = []
+        if self.bridge is not None and request.strength != 0:
+            out.append(lambda x, t, en: self.bridge.residuals(x, t, chinese(step[0]), request.strength))
+        for control in self.controls:
+            hint = control.image.to(self.device, self.dtype)
+            out.append(lambda x, t, en, c=control, hint=hint: c.model.residuals(x, t, en, c.strength, hint))
+        return out
+
     @torch.no_grad()
     def latents(self, request: Request, callback=None) -> torch.Tensor:
         request.check(self.latent_factor)
@@ -151,10 +160,17 @@ class Pipeline:
         shared = request.shared_encoder and request.en_prompt == request.en_negative_prompt
         copies = 2 if shared else 1
         step = [0]  # model evaluations so far: the WebUI's CFGDenoiser.step, which picks scheduled prompts
+        branches = self.branches(request, chinese, step)
+        unet = self.checkpoint.unet
+
+        def unet_with_branches(x, t, context):
+            residuals = sum_residuals(branch(x, t, context) for branch in branches)
+            return unet(x, t, context, residuals=residuals, encoder_copies=copies)
+
+        denoiser = EpsDenoiser(unet_with_branches).to(self.device)
 
         def cfg_model(x, sigma):
-            out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=english,
-                                encoder_copies=copies)
+            out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=english)
             step[0] += 1
             cond, uncond = out.chunk(2)
             return uncond + request.cfg_scale * (cond - uncond)
@@ -162,17 +178,8 @@ class Pipeline:
         f = self.latent_factor
         noise, generators = initial_noise(request.seed, request.batch_size,
                                           (4, request.height // f, request.width // f), request.batch_noise)
-        with contextlib.ExitStack() as stack:
-            if self.bridge is not None and request.strength != 0:
-                stack.enter_context(attach(self.checkpoint.unet, self.bridge, lambda x, t, en: chinese(step[0]),
-                                           request.strength))
-            for control in self.controls:
-                hint = control.image.to(self.device, self.dtype)
-                stack.enter_context(attach(self.checkpoint.unet, control.model, lambda x, t, en: en,
-                                           control.strength, hint=hint))
-            latents = sample(request.sampler, cfg_model, noise.to(self.device, self.dtype), request.steps,
-                             sigma_schedule=self.denoiser, callback=callback, generator=generators)
-        return latents
+        return sample(request.sampler, cfg_model, noise.to(self.device, self.dtype), request.steps,
+                      sigma_schedule=denoiser, callback=callback, generator=generators)
 
     @torch.no_grad()
     def __call__(self, request: Request, callback=None) -> list[Image.Image]:

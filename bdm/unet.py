@@ -8,6 +8,7 @@ the bridge branch (`bdm.bridge`). Config-driven: `UNetConfig` holds what the LDM
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -54,6 +55,9 @@ class UNetConfig:
             return self.num_heads, channels // self.num_heads
         return channels // self.num_head_channels, self.num_head_channels
 
+
+# A branch's output: one residual per skip (input block order) and one for the middle block.
+Residuals = tuple[Sequence[torch.Tensor], torch.Tensor]
 
 SD15 = UNetConfig()
 # Small but complete: two levels, attention at both, every block type present. For tests and benches.
@@ -295,22 +299,52 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
-    def forward(self, x, timesteps=None, context=None, encoder_copies: int = 1, **kwargs):
+    def forward(self, x, timesteps=None, context=None, *, residuals: Residuals | None = None,
+                encoder_copies: int = 1, checkpoint_decoder: Collection[int] = (), **kwargs):
         """ε for `x` at `timesteps` under text `context`.
 
-        `encoder_copies=n` promises that the batch is n equal copies as far as the input blocks go
+        `residuals`: a branch's `(down, mid)` (BDM's or a ControlNet's, strength applied; several branches'
+        summed): `mid` is added to `middle_block`'s output and `down[i]` to the skip entering
+        `output_blocks[n-1-i]` — diffusers' `down_block_additional_residuals`. (`bdm.attach` does the same
+        with hooks, for UNets the project does not own.)
+
+        `encoder_copies=n` promises that the batch is n equal copies as far as the middle block goes
         (same x, timesteps and context in rows i, i+B, …): CFG rows whose English prompts are equal.
-        The input blocks then run once per copy, which is exactly the work a BDM branch does not
-        change (its residuals enter at the middle block and the skips).
+        The input blocks and the middle block then run once per copy, which is exactly the work a branch
+        does not change (its residuals enter after the middle block and at the skips).
+
+        `checkpoint_decoder`: indices of output blocks that keep no activations and are recomputed in
+        backward (training a branch: with frozen weights and latents that need no gradient, the encoder
+        half records nothing for backward anyway, and the decoder only what carries the loss to the
+        residuals).
         """
         emb = time_embedding(self, timesteps, x.shape[0], x.dtype, self.config.model_channels)
+        down, mid = residuals if residuals is not None else ((None,) * len(self.input_blocks), None)
+        if len(down) != len(self.input_blocks):
+            raise ValueError(f"{len(down)} skip residuals for a UNet with {len(self.input_blocks)} input blocks")
         rows = x.shape[0] // encoder_copies
         h, emb_in, ctx_in = x[:rows], emb[:rows], context[:rows] if context is not None else None
-        hs = []
+        skips = []
         for block in self.input_blocks:
             h = block(h, emb_in, ctx_in)
-            hs.append(h if encoder_copies == 1 else h.repeat(encoder_copies, 1, 1, 1))
-        h = self.middle_block(hs[-1], emb, context)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+            skips.append(h)
+        h = with_residual(self.middle_block(h, emb_in, ctx_in), mid, encoder_copies)
+        for j, block in enumerate(self.output_blocks):
+            skip = with_residual(skips.pop(), down[len(down) - 1 - j], encoder_copies)
+            h = run_block(_decoder_step, j in checkpoint_decoder, block, h, skip, emb, context, reentrant=True)
         return self.out(h)
+
+
+def with_residual(shared: torch.Tensor, residual: torch.Tensor | None, copies: int) -> torch.Tensor:
+    """`shared` (the rows of one copy) for all `copies`, plus `residual` (all rows) if there is one."""
+    if residual is None:
+        return shared if copies == 1 else shared.repeat(copies, 1, 1, 1)
+    residual = residual.to(shared.dtype)
+    if copies == 1:
+        return shared + residual
+    return (shared.unsqueeze(0) + residual.unflatten(0, (copies, -1))).flatten(0, 1)
+
+
+def _decoder_step(block: nn.Module, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor,
+                  context: torch.Tensor | None) -> torch.Tensor:
+    return block(torch.cat([h, skip], dim=1), emb, context)

@@ -7,14 +7,20 @@ middle block's output: the places `bdm.attach` uses in A1111, so the branch mean
 The branch joins the chain of a clone of each sampling pass's UNet patcher, asks the previous link first
 (the built-in ControlNet stays on), and lives in a `ModelPatcher` that `get_models()` hands to Forge's
 memory manager: moved to the UNet's device for sampling, offloaded like every other model.
+
+A run that must stop its generation (`BdmRun.error`) puts a link in that raises the error at the first
+UNet call: Forge, like A1111, only logs exceptions of scripts and callbacks, but one inside sampling ends
+the generation and reaches the user (the UI's error box; the API's error response, with the error's
+status code). A pass that runs without the branch ("continue without BDM") gets a link that only passes
+the previous links' residuals on, so that the branch is known to be settled for that UNet.
 """
 from __future__ import annotations
 
 from backend import memory_management
 from backend.patcher.base import ModelPatcher
 from backend.patcher.controlnet import ControlBase
+from backend.sampling.sampling_function import sampling_prepare
 
-from bdm.webui.hooking import BdmRunError
 from bdm.webui.layout import chunked_row_roles
 from bdm.webui.manager import bridge_refusal, unet_refusal
 
@@ -45,7 +51,9 @@ def refusal(engine) -> str | None:
 class BranchControl(ControlBase):
     """The branch as a control: per UNet call, the rows' Chinese contexts (from the chunk roles Forge
     gives in `transformer_options["cond_or_uncond"]`), the branch on the UNet's own input and
-    timesteps, and its residuals scaled by the strength and merged with the previous links'."""
+    timesteps, and its residuals scaled by the strength and merged with the previous links'. Without a
+    `patcher` (no branch in this pass) it passes the previous links' residuals on, or raises the run's
+    error."""
 
     def __init__(self, run, patcher: ModelPatcher | None):
         super().__init__()
@@ -57,11 +65,13 @@ class BranchControl(ControlBase):
         previous = None
         if self.previous_controlnet is not None:
             previous = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number)
-        if self.run.error is not None:  # "stop the generation" when BDM cannot be applied
-            raise BdmRunError(self.run.error)
+        if self.run.error is not None:  # BDM cannot be applied: stop the generation with the error
+            raise self.run.error
+        if self.patcher is None:
+            return previous
         chunks = self.transformer_options.get("cond_or_uncond")
         if chunks is None:  # not Forge's sampler (calc_cond_uncond_batch) calling: rows unknown
-            self.run._warn("outside", "BDM: a UNet call without Forge's row roles ran without the branch")
+            self.run.warn("outside", "BDM: a UNet call without Forge's row roles ran without the branch")
             return previous
         context = self.run.contexts(chunked_row_roles(chunks, x_noisy.shape[0]))
         bridge = self.patcher.model
@@ -134,23 +144,34 @@ def release_all_but(bridges) -> None:
         release(bridge)
 
 
-def add_branch(p, run, loaded_bridges=()) -> str | None:
-    """Put `run`'s branch into this sampling pass (call from `process_before_every_sampling`: Forge
-    rebuilds `forge_objects` before every pass). A run with an error and no branch adds a link that
-    stops the sampling. Returns why the branch was not added (None: it was)."""
-    engine = p.sd_model
+def join_pass(engine, run, loaded_bridges=()) -> None:
+    """Put `run`'s link into the engine's UNet patcher for the coming sampling pass (a clone: call from
+    `process_before_every_sampling`, Forge rebuilds `forge_objects` before every pass). A pass whose model
+    cannot take the branch goes through `run.pass_refused` (stop, or continue with a warning)."""
     patcher = None
-    if run.bridge is not None:
+    if run.bridge is not None and run.error is None:
         reason = refusal(engine) or bridge_refusal(run.bridge, diffusion_model(engine))
         if reason:
-            return reason
-        release_all_but(loaded_bridges)
-        unet = engine.forge_objects.unet
-        dtype = unet.model.computation_dtype
-        if next(run.bridge.parameters()).dtype != dtype:
-            run.bridge.to(dtype=dtype)
-        patcher = _patcher(run.bridge, unet)
+            run.pass_refused(reason)
+        else:
+            release_all_but(loaded_bridges)
+            unet = engine.forge_objects.unet
+            dtype = unet.model.computation_dtype
+            if next(run.bridge.parameters()).dtype != dtype:
+                run.bridge.to(dtype=dtype)
+            patcher = _patcher(run.bridge, unet)
     unet = engine.forge_objects.unet.clone()
     unet.add_patched_controlnet(BranchControl(run, patcher))
     engine.forge_objects.unet = unet
-    return None
+
+
+def rejoin(engine, run, x, loaded_bridges=()) -> bool:
+    """Join the engine's UNet inside sampling when the link is missing: Forge's refiner switch loads the
+    refiner with a fresh patcher, without the links of extensions (its built-in ControlNet's too). The
+    link is prepared as Forge prepares a pass (`sampling_prepare`: its models loaded, `pre_run`). Call
+    from `on_cfg_denoiser` (after the switch, before the UNet runs). Returns whether it joined."""
+    if has_branch(engine, run):
+        return False
+    join_pass(engine, run, loaded_bridges)
+    sampling_prepare(engine.forge_objects.unet, x)
+    return True

@@ -12,3 +12,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The generator tests' tiny models in the real formats (tests/util.py: generator_world)."""
+    from .util import generator_world
+    return generator_world(tmp_path_factory.mktemp("world"))

@@ -8,7 +8,7 @@ from bdm.formats.controlnet import load_controlnet, save_controlnet
 from bdm.formats.diffusers_names import (diffusers_unet2d_config, diffusers_unet_config, ldm_to_diffusers)
 from bdm.unet import SMALL, UNetModel
 
-from .util import CN_DIM, build_random, ldm_unet, load_assigned, make_official_dir, max_diff, oracle
+from .util import CN_DIM, build_random, ldm_unet, load_assigned, make_official_dir, max_diff, oracle, randomize_
 
 diffusers = oracle("diffusers")
 @pytest.fixture(scope="module")
@@ -76,6 +76,37 @@ def test_fresh_branch_from_backbone_leaves_output_bit_identical(world):
     plain = unet(x, t, context=en)
     with bdm.attach(unet, bridge, world["cn"]):
         assert torch.equal(unet(x, t, context=en), plain)
+
+
+@torch.no_grad()
+def test_explicit_residuals_equal_the_hooks_and_diffusers(world):
+    """The UNet the project owns takes the residuals as an argument; `bdm.attach`'s hooks (for UNets it
+    does not own) give the same numbers bit for bit — a BDM branch with a strength, a ControlNet with its
+    hint reading the English context at per-row strengths — and both equal diffusers' additional residuals.
+    With the encoder half shared by equal rows the explicit path gives the same ε; hooks refuse it."""
+    bridge = bdm.load_bridge(world["dir"])
+    unet, x, t, en, cn = world["unet"], world["x"], world["t"], world["en"], world["cn"]
+    explicit = unet(x, t, en, residuals=bridge.residuals(x, t, cn, 0.7))
+    with bdm.attach(unet, bridge, cn, strength=0.7):
+        hooked = unet(x, t, context=en)
+    assert torch.equal(explicit, hooked)
+    peer_down, peer_mid = peer_residuals(world, scale=0.7)
+    expected = world["peer_unet"](x, t, encoder_hidden_states=en, down_block_additional_residuals=peer_down,
+                                  mid_block_additional_residual=peer_mid).sample
+    assert max_diff(explicit, expected) <= 1e-4 and max_diff(explicit, unet(x, t, en)) > 1e-2
+    control = randomize_(bdm.Bridge(bdm.BridgeConfig(SMALL, hint_channels=3)), 6)
+    hint, strength = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1)), torch.tensor([0.5, 1.0])
+    explicit = unet(x, t, en, residuals=control.residuals(x, t, en, strength, hint))
+    with bdm.attach(unet, control, lambda x_, t_, en_: en_, strength, hint=hint):
+        hooked = unet(x, t, context=en)
+    assert torch.equal(explicit, hooked) and max_diff(explicit, unet(x, t, en)) > 1e-2
+    pair_x, pair_t, pair_en = x[:1].repeat(2, 1, 1, 1), t[:1].repeat(2), en[:1].repeat(2, 1, 1)
+    residuals = bridge.residuals(pair_x, pair_t, cn)
+    shared = unet(pair_x, pair_t, pair_en, residuals=residuals, encoder_copies=2)
+    assert max_diff(shared, unet(pair_x, pair_t, pair_en, residuals=residuals)) <= 1e-5
+    assert max_diff(shared[0], shared[1]) > 1e-2  # the rows' Chinese contexts differ
+    with bdm.attach(unet, bridge, cn), pytest.raises(RuntimeError, match="without encoder_copies"):
+        unet(pair_x, pair_t, pair_en, encoder_copies=2)
 
 
 @torch.no_grad()

@@ -110,7 +110,7 @@ def test_wrong_shape_and_newer_version_are_named(tmp_path, bdm_path):
     tensors[key] = torch.zeros(tensors[key].shape[0], 1024)
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
-    with pytest.raises(FormatError, match=r"bad.safetensors: .*'input_blocks.1.1.transformer_blocks.0.attn2"
+    with pytest.raises(FormatError, match=r"bad.safetensors: .*'bridge.input_blocks.1.1.transformer_blocks.0.attn2"
                                           r".to_k.weight' has shape \(32, 1024\), expected \(32, 64\)"):
         bdm.load_bridge(bad)
     newer = tmp_path / "newer.safetensors"
@@ -120,7 +120,7 @@ def test_wrong_shape_and_newer_version_are_named(tmp_path, bdm_path):
     missing = tmp_path / "missing.safetensors"
     save_file({k: v for k, v in load_file(str(path)).items() if "zero_convs.2" not in k}, str(missing),
               metadata=meta)
-    with pytest.raises(FormatError, match=r"missing.safetensors: .* 2 missing \(first: 'zero_convs.2.0.weight'\)"):
+    with pytest.raises(FormatError, match=r"missing.safetensors: .* 2 missing \(first: 'bridge.zero_convs.2.0.weight'\)"):
         bdm.load_bridge(missing)
 
 
@@ -208,3 +208,31 @@ def test_unet_config_from_shapes_and_yaml(tmp_path, unet):
     loaded = load_unet(path)
     assert loaded.config == SMALL
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in unet.state_dict().items())
+
+
+@torch.no_grad()
+def test_a_lora_trained_by_the_toy_build_is_the_lora_its_file_applies(tmp_path, unet):
+    """One LoRA parametrisation: the toy's trainable `LoraLinear` layers (Linear and 1×1 conv), written by
+    `lora_tensors` as a kohya file, merged back by `apply_loras`, give the wrapped UNet's output."""
+    import copy
+
+    from bdm.formats.files import save_safetensors
+    from bdm.formats.lora import apply_loras, lora_tensors
+    from bdm.toy.models import add_loras
+    torch.manual_seed(0)
+    wrapped = copy.deepcopy(unet)
+    loras = add_loras(wrapped, rank=4, alpha=2.0)
+    assert {type(lora.base) for lora in loras.values()} == {torch.nn.Linear, torch.nn.Conv2d}
+    for lora in loras.values():
+        lora.up.normal_(0, 0.05)
+    path = save_safetensors(tmp_path / "lora.safetensors",
+                            lora_tensors(SMALL, {name: lora.layer for name, lora in loras.items()}))
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 5, SMALL.context_dim)
+    plain = unet(x, t, ctx)
+    patch = apply_loras(unet, None, [(path, 1.0)])
+    try:
+        merged = unet(x, t, ctx)
+    finally:
+        patch.remove()
+    assert (merged - plain).abs().max() > 1e-3
+    assert torch.allclose(merged, wrapped(x, t, ctx), atol=1e-5, rtol=1e-4)

@@ -9,56 +9,12 @@ from safetensors.torch import save_file
 import bdm
 from bdm import generate
 from bdm.cli import run
-from bdm.formats.bdm_file import save_bdm
-from bdm.formats.checkpoint import load_checkpoint, save_checkpoint
-from bdm.formats.controlnet import save_controlnet
+from bdm.formats.checkpoint import load_checkpoint
 from bdm.formats.embedding import save_embedding
 from bdm.formats.lora import apply_loras, read_lora
 from bdm.infotext import parse_infotext
-from bdm.text.chinese import ChineseTextEncoder
-from bdm.unet import SMALL
 
-from .util import randomize_, tiny_sd_parts
-
-LORA_LAYERS = {  # kohya names (diffusers spelling for the UNet) → shapes of (down, up)
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((4, 32), (32, 4)),
-    "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2": ((4, 256), (64, 4)),
-    "lora_unet_up_blocks_1_resnets_0_conv1": ((4, 96, 3, 3), (32, 4, 1, 1)),
-    "lora_unet_output_blocks_0_0_emb_layers_1": ((4, 128), (64, 4)),  # an LDM-spelled key
-    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ((4, 64), (64, 4)),
-}
-
-
-def write_lora(path, layers=LORA_LAYERS, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for base, (down, up) in layers.items():
-        tensors[f"{base}.lora_down.weight"] = torch.randn(down, generator=g) * 0.3
-        tensors[f"{base}.lora_up.weight"] = torch.randn(up, generator=g) * 0.3
-        tensors[f"{base}.alpha"] = torch.tensor(2.0)
-    save_file(tensors, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("world")
-    unet, vae, text = tiny_sd_parts()
-    ckpt = save_checkpoint(d / "tiny-sd1.safetensors", unet, vae, text, "tiny-clip")
-    encoder = ChineseTextEncoder.tiny(seed=0)
-    branch = randomize_(bdm.from_backbone(unet, encoder.hidden_size), seed=5)
-    for conv in list(branch.zero_convs) + [branch.middle_block_out]:
-        conv[0].weight.data *= 3
-    bdm_path = save_bdm(d / "tiny-bdm.safetensors", branch, encoder)
-    control = randomize_(bdm.Bridge(bdm.BridgeConfig(SMALL, hint_channels=3)), seed=6)
-    control_path = save_controlnet(d / "tiny-control.safetensors", control)
-    hint = np.zeros((64, 64, 3), np.uint8)
-    hint[8:40, 16:48] = 255
-    Image.fromarray(hint).save(d / "hint.png")
-    emb = save_embedding(d / "bigthing.safetensors", torch.randn(2, 64, generator=torch.Generator().manual_seed(1)) * 3)
-    return dict(dir=d, ckpt=ckpt, bdm=bdm_path, control=control_path, hint=d / "hint.png",
-                lora=write_lora(d / "tinylora.safetensors"), emb=emb)
-
+from .util import write_lora
 
 def generate_pixels(world, tmp_path, *extra, name="out.png", expect=0, batch=False):
     out = tmp_path / name

@@ -12,7 +12,6 @@ from bdm.formats.checkpoint import load_checkpoint
 from bdm.pipeline import Pipeline, Request
 from bdm.text.prompt_schedule import PromptSyntaxError
 
-from .test_generate import world  # noqa: F401 - the tiny checkpoint and BDM file of the generator tests
 
 RED, BLUE = "红色的圆形", "蓝色的方形"
 

@@ -119,6 +119,7 @@ def test_export_webui(quick, tmp_path, capsys):
     assert CLIPTokenizer.from_pretrained(str(forge / "tokenizer"))("a red circle").input_ids[0] == 49406
     out = capsys.readouterr().out
     assert D.LORA_TRIGGER in out and "bdm-toy-smallthing" in out
+    assert "NOT loadable by the stock sd-webui-controlnet extension" in out  # not advertised as working
 
 
 @pytest.mark.slow

@@ -91,14 +91,20 @@ def frozen_backbone_and_branch(setup):
 
 
 @pytest.mark.parametrize("checkpoint_decoder", [(), (0, 2, 3)])
-def test_fast_training_forward_equals_attach(setup, checkpoint_decoder):
-    """no_grad encoder half + residuals by hand (decoder recomputed in backward or not) = the hooks of
-    bdm.attach, values and branch gradients; the backbone gets no gradients either way."""
+def test_training_forward_equals_attach_and_records_only_the_decoder(setup, checkpoint_decoder):
+    """The trainer's forward — the UNet's own, residuals given, decoder blocks recomputed in backward or
+    not — equals the hooks of bdm.attach, values and branch gradients; the frozen backbone's encoder half
+    records nothing for backward, and the backbone gets no gradients either way."""
     import bdm
-    from bdm.train.model import backbone_eps
     unet, bridge, x, t, en, cn = frozen_backbone_and_branch(setup)
-    down, mid = bridge(x, t, cn)
-    ours = backbone_eps(unet, x, t, en.expand(2, -1, -1), down, mid, checkpoint_decoder)
+    recorded = {}
+    hooks = [unet.middle_block.register_forward_hook(lambda m, a, out: recorded.setdefault("middle", out)),
+             unet.input_blocks[0].register_forward_hook(lambda m, a, out: recorded.setdefault("input", out))]
+    ours = unet(x, t, en.expand(2, -1, -1), residuals=bridge(x, t, cn), checkpoint_decoder=checkpoint_decoder)
+    for hook in hooks:
+        hook.remove()
+    assert all(v.grad_fn is None and not v.requires_grad for v in recorded.values())
+    assert ours.requires_grad
     ours.square().sum().backward()
     grads = [p.grad.clone() for p in bridge.parameters()]
     assert all(p.grad is None for p in unet.parameters())
@@ -116,7 +122,6 @@ def test_lean_convolutions_save_less_for_the_same_gradients(setup, autocast):
     gradients for the branch's residuals (fp32, and under CPU bf16 autocast)."""
     from bdm.bench.train import SavedBytes
     from bdm.train.lean import LeanConv2d, lean_convolutions
-    from bdm.train.model import backbone_eps
     unet, bridge, x, t, en, cn = frozen_backbone_and_branch(setup)
     en = en.expand(2, -1, -1)
     with torch.no_grad():
@@ -125,7 +130,7 @@ def test_lean_convolutions_save_less_for_the_same_gradients(setup, autocast):
     def step():
         residuals = [r.clone().requires_grad_(True) for r in down + [mid]]
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast), SavedBytes() as saved:
-            eps = backbone_eps(unet, x, t, en, residuals[:-1], residuals[-1])
+            eps = unet(x, t, en, residuals=(residuals[:-1], residuals[-1]))
         eps.float().square().sum().backward()
         return eps.detach().float(), [r.grad for r in residuals], saved.total
     plain = step()

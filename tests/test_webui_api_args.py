@@ -1,13 +1,12 @@
-"""The script's arguments from the UI (positional) and from API clients (one JSON object)."""
+"""The script's arguments as the WebUI hands them over: positional (the UI's values, the API's `args`
+list) or one JSON object as the first entry; strict about types, since an API client's mistake must
+end in an error that says what was expected, never in an image made without BDM."""
 from __future__ import annotations
-
-import asyncio
-import json
 
 import pytest
 
-from bdm.webui.api_args import ARG_NAMES, ArgsError, BdmArgs, parse_script_args, to_positional
-from bdm.webui.asgi import ArgsObjectMiddleware, rewrite_body
+from bdm.webui.api_args import ARG_NAMES, ArgsError, BdmArgs, parse_script_args, strength_value, to_positional
+from bdm.webui.errors import BdmError
 
 OBJ = {"enabled": True, "prompt": "红色的圆形", "negative_prompt": "", "model": "bdm-toy", "strength": 1.0}
 WANT = BdmArgs(enabled=True, model="bdm-toy", strength=1.0, prompt="红色的圆形", negative_prompt="")
@@ -19,14 +18,21 @@ def test_positional_order_is_the_ui_order():
     assert to_positional(WANT) == [True, "bdm-toy", 1.0, "红色的圆形", ""]
 
 
-def test_object_forms_give_the_same_args():
-    assert parse_script_args(OBJ) == WANT
+def test_the_ui_values_pass():
+    """What the gradio components give: bool, str (or None from a dropdown without choices), int or
+    float from the slider, str."""
+    assert parse_script_args([False, None, 1, "", ""]) == BdmArgs()
+    assert parse_script_args([True, "m [0123456789]", 0.35, "红", "绿"]).strength == 0.35
+    assert parse_script_args([True, "m", 2, "x", "y"]).strength == 2.0
+
+
+def test_object_as_first_entry():
     assert parse_script_args([OBJ]) == WANT
-    # the API fills the remaining positions with the UI defaults: ignored
+    # the WebUI fills the remaining positions with the UI defaults: ignored
     assert parse_script_args([OBJ, "None", 1.0, "", ""]) == WANT
 
 
-def test_omitted_keys_take_defaults():
+def test_omitted_values_take_defaults():
     a = parse_script_args([{"prompt": "红色的圆形"}])
     assert a == BdmArgs(enabled=True, prompt="红色的圆形")  # an object means "use BDM"
     assert parse_script_args([{"enabled": False, "prompt": "x"}]).enabled is False
@@ -35,59 +41,43 @@ def test_omitted_keys_take_defaults():
     assert parse_script_args([True, None, None, "红"]) == BdmArgs(enabled=True, prompt="红")
 
 
-def test_aliases_types_and_lists():
-    a = parse_script_args({"cn_prompt": ["红色", "蓝色"], "weight": "0.5", "enabled": "true"})
-    assert a.prompt == ("红色", "蓝色") and a.strength == 0.5 and a.enabled
+def test_per_image_prompt_lists():
+    a = parse_script_args([{"prompt": ["红色", "蓝色"]}])
+    assert a.prompt == ("红色", "蓝色")
     assert a.prompts(3) == (["红色", "蓝色", "红色"], ["", "", ""])
-    assert parse_script_args([1, "m", 2, "x", "y"]).strength == 2.0
+    assert parse_script_args([True, "", 1.0, ["a", "b"], ""]).prompt == ("a", "b")
+
+
+def test_has_chinese_text():
+    assert not BdmArgs(enabled=True).has_chinese_text
+    assert not BdmArgs(prompt=" ").has_chinese_text
+    assert BdmArgs(negative_prompt="模糊").has_chinese_text
+    assert BdmArgs(prompt=("", "红")).has_chinese_text
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"promt": "x"}, "unknown argument 'promt'"),
-    ({"strength": "strong"}, "must be a number"),
-    ({"strength": 5}, "between 0.0 and 2.0"),
-    ({"enabled": "maybe"}, "true or false"),
-    ({"prompt": 3}, "must be a string"),
-    ({"model": 3}, "'model' must be a string"),
+    ([{"promt": "x"}], "unknown BDM argument 'promt'; the known ones are: enabled, model, strength"),
+    ([{"cn_prompt": "x"}], "unknown BDM argument 'cn_prompt'"),
+    ([{"strength": "0.5"}], r"'strength' must be a number from 0 to 2 \(a JSON number\), got '0.5'"),
+    ([{"strength": True}], r"'strength' must be a number .* got True"),
+    ([True, "m", "0.5", "x", ""], r"'strength' must be a number .* got '0.5'"),
+    ([{"strength": 5}], "'strength' must be from 0 to 2, got 5"),
+    ([{"strength": -0.1}], "from 0 to 2"),
+    ([{"enabled": "true"}], r"'enabled' must be true or false \(a JSON boolean\), got 'true'"),
+    ([1, "m", 1.0, "x", ""], "'enabled' must be true or false"),
+    ([{"prompt": 3}], "'prompt' must be a string"),
+    ([{"prompt": []}], "'prompt' must be a string"),
+    ([{"negative_prompt": ["a", 2]}], "'negative_prompt' must be a string"),
+    ([{"model": 3}], "'model' must be a string"),
+    ([True, "m", 1.0, "x", "", "extra"], "takes 5 arguments"),
 ])
-def test_errors_are_clear(bad, message):
-    with pytest.raises(ArgsError, match=message):
-        parse_script_args([bad])
+def test_errors_say_what_was_expected(bad, message):
+    with pytest.raises(ArgsError, match=message) as e:
+        parse_script_args(bad)
+    assert isinstance(e.value, BdmError) and e.value.status_code == 422
 
 
-def test_body_rewrite():
-    body = json.dumps({"prompt": "", "alwayson_scripts": {"BDM": {"args": OBJ}}}).encode()
-    assert json.loads(rewrite_body(body))["alwayson_scripts"]["BDM"]["args"] == [OBJ]
-    bare = json.dumps({"alwayson_scripts": {"bdm": {"prompt": "红"}}}).encode()
-    assert json.loads(rewrite_body(bare))["alwayson_scripts"]["bdm"] == {"args": [{"prompt": "红"}]}
-    for unchanged in (json.dumps({"alwayson_scripts": {"BDM": {"args": [True]}}}).encode(),
-                      json.dumps({"alwayson_scripts": {"controlnet": {"args": {"x": 1}}}}).encode(),
-                      b"not json"):
-        assert rewrite_body(unchanged) is unchanged
-
-
-def test_middleware_rewrites_only_generation_requests():
-    seen = {}
-
-    async def app(scope, receive, send):
-        message = await receive()
-        seen[scope["path"]] = (message["body"], dict(scope["headers"]).get(b"content-length"))
-
-    mw = ArgsObjectMiddleware(app)
-    body = json.dumps({"alwayson_scripts": {"BDM": {"args": OBJ}}}).encode()
-
-    async def run(path):
-        parts = [body[:10], body[10:]]
-
-        async def receive():
-            chunk = parts.pop(0)
-            return {"type": "http.request", "body": chunk, "more_body": bool(parts)}
-        scope = {"type": "http", "method": "POST", "path": path,
-                 "headers": [(b"content-length", str(len(body)).encode())]}
-        await mw(scope, receive, None)
-
-    asyncio.run(run("/sdapi/v1/txt2img"))
-    new, length = seen["/sdapi/v1/txt2img"]
-    assert json.loads(new)["alwayson_scripts"]["BDM"]["args"] == [OBJ] and int(length) == len(new)
-    asyncio.run(run("/sdapi/v1/options"))
-    assert seen["/sdapi/v1/options"][0] == body[:10]  # passed through untouched (first chunk)
+def test_strength_value():
+    assert strength_value(0) == 0.0 and strength_value(1.5) == 1.5
+    with pytest.raises(ArgsError):
+        strength_value(None)

@@ -2,34 +2,24 @@
 v1.10.1 (tests/fixtures/webui_layouts/*.json), and the hooking of one generation (`BdmRun`)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from torch import nn
 
 import bdm
-from bdm.unet import UNetConfig, UNetModel
+from bdm.unet import UNetModel
 from bdm.webui.context import ContextBank, EncodingCache
-from bdm.webui.hooking import BdmRun, BdmRunError
-from bdm.webui.layout import CallRows, RowRole, chunked_row_roles, cond_counts, row_offset, row_roles
+from bdm.webui.errors import BdmError
+from bdm.webui.hooking import BdmRun
+from bdm.webui.layout import (CallRows, RowRole, cfg_rows, chunked_row_roles, cond_counts, row_offset, row_roles,
+                              rows_of)
+from tests.layout_util import FIXTURES, TINY, KDiffusionLikeInner, recorded_calls, tiny_parts
 from tests.util import build_random
 
-# One level, every block type: enough for hooks and residuals, fast on a CPU.
-TINY = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
-                  num_heads=1, context_dim=64)
 CACHE = EncodingCache(256)
-FIXTURES = sorted((Path(__file__).parent / "fixtures" / "webui_layouts").glob("*.json"))
 
 
 def _recorded_role(r: dict) -> RowRole:
     return RowRole(r["role"], r["image"], r.get("subprompt", 0))
-
-
-def _calls(path):
-    doc = json.loads(path.read_text())
-    return doc, doc["denoiser_calls"]
 
 
 def test_all_26_fixtures_present():
@@ -40,7 +30,7 @@ def test_all_26_fixtures_present():
 def test_row_roles_match_every_recorded_unet_call(path):
     """For every recorded UNet call: the rows our tracker assigns it (data-pointer offset where the
     call's x is a view, and the in-order cursor alone) and their roles are exactly the recorded ones."""
-    doc, calls = _calls(path)
+    doc, calls = recorded_calls(path)
     assert calls
     for call in calls:
         recorded = [_recorded_role(r) for r in call["row_roles"]]
@@ -60,6 +50,18 @@ def test_row_roles_match_every_recorded_unet_call(path):
             assert roles[a:b] == recorded[a:b]
         if call["uncond_skipped"]:
             assert located == [(0, call["N_c"])]
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
+def test_cfg_rows_from_what_on_cfg_denoiser_sees(path):
+    """`cfg_rows` from the row counts `on_cfg_denoiser` has (x_in, text_cond, text_uncond) and the
+    AND-subprompt lists: the recorded roles of every call; without the lists, too."""
+    _, calls = recorded_calls(path)
+    for call in calls:
+        recorded = [_recorded_role(r) for r in call["row_roles"]]
+        n_cond, n_uncond = call["text_cond_shape"][0], call["text_uncond_shape"][0]
+        assert cfg_rows(call["x_in_rows"], n_cond, n_uncond, call["conds_list"]) == recorded
+        assert cfg_rows(call["x_in_rows"], n_cond, n_uncond) == recorded
 
 
 def test_row_offset_of_views():
@@ -83,6 +85,16 @@ def test_edit_model_layout():
                      RowRole("uncond", 0), RowRole("uncond", 1), RowRole("uncond", 0), RowRole("uncond", 1)]
     with pytest.raises(ValueError):
         cond_counts(None, 3, 2)
+    # an instruct-pix2pix x_in: [cond…, x, x] — the rows after the cond rows carry uncond text twice
+    assert cfg_rows(7, 3, 2, [[0], [1, 2]]) == roles
+    assert cfg_rows(4, 2, 2) == row_roles([1, 1])
+    with pytest.raises(ValueError, match="unexpected CFG batch of 5 rows"):
+        cfg_rows(5, 2, 2)
+
+
+def test_rows_of_sdxl_dict_conds():
+    assert rows_of(torch.zeros(3, 77, 8)) == 3
+    assert rows_of({"crossattn": torch.zeros(2, 77, 8), "vector": torch.zeros(2, 5)}) == 2
 
 
 def test_forge_chunk_roles():
@@ -103,30 +115,8 @@ def test_forge_chunk_roles():
 def parts():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add contention
-    yield _parts()
+    yield tiny_parts()
     torch.set_num_threads(threads)
-
-
-def _parts():
-    torch.manual_seed(0)
-    unet = build_random(lambda: UNetModel(TINY), seed=1)
-    bridge = bdm.from_backbone(unet, 64).eval()
-    with torch.no_grad():
-        for p in list(bridge.zero_convs.parameters()) + list(bridge.middle_block_out.parameters()):
-            p.normal_(0, 0.05)
-    from bdm.text.chinese import ChineseTextEncoder
-    return unet, bridge, ChineseTextEncoder.tiny(seed=0)
-
-
-class KDiffusionLikeInner(nn.Module):
-    """Like k-diffusion's CompVisDenoiser: the UNet gets `x * c_in`, a new tensor (no row view)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, sigma, cond):
-        return self.unet(x * 0.5, sigma, context=cond)
 
 
 def _prompts(n_images):
@@ -139,32 +129,33 @@ def test_bdmrun_gives_each_unet_call_its_rows_contexts(path, parts):
     recorded; the UNet gets a new tensor as under k-diffusion): each UNet call's Chinese contexts are
     the positive prompt of its cond rows' images and the negative prompt of its uncond rows' images."""
     unet, bridge, enc = parts
-    doc, calls = _calls(path)
+    doc, calls = recorded_calls(path)
     batch, n_iter = doc["request"].get("batch_size", 1), doc["request"].get("n_iter", 1)
     positive, negative = _prompts(batch * n_iter)
     bank = ContextBank(enc, positive + negative, CACHE)
     run = BdmRun(bridge, bank, positive, negative, strength=1.0, log=lambda m: None)
-    asked = []
+    asked, seen = [], []
     real_rows = bank.rows
     bank.rows = lambda idx, step=0: (asked.append(bank.text_indices(idx, step)), real_rows(idx, step))[1]
-    run.record_rows = True
+    real_index = run.prompt_index
+    run.prompt_index = lambda role: (seen.append(role), real_index(role))[1]
     inners = {}
     try:
         for call in calls:
             inner = inners.setdefault(call["pass"], KDiffusionLikeInner(unet))  # a new one per pass
-            run.ensure_attached(unet)
             x_in = torch.randn(call["x_in_rows"], 4, 4, 4)
-            counts = cond_counts(call["conds_list"], call["N_c"], call["B"])
             run.image_offset = call["iteration"] * batch
-            run.begin_call(x_in, counts, inner)
+            run.denoiser_call(x_in, call["text_cond_shape"][0], call["text_uncond_shape"][0], call["conds_list"],
+                              inner, unet)
             with torch.no_grad():
                 for ic in call["inner_calls"]:
                     a, n = ic["row_offset"], ic["rows"]
                     inner(x_in[a:a + n], torch.full((n,), 500.0), torch.zeros(n, 77, 64))
             expected = [[_recorded_role(r) for r in call["row_roles"]][ic["row_offset"]:ic["row_offset"] + ic["rows"]]
                         for ic in call["inner_calls"]]
-            got = run.rows_seen[-len(expected):]
-            assert got == expected
+            n = sum(len(rows) for rows in expected)
+            got, seen[:] = seen[-n:], []
+            assert got == [r for rows in expected for r in rows]
             want_prompts = [[(positive if r.is_cond else negative)[call["iteration"] * batch + r.image] for r in rows]
                             for rows in expected]
             assert [[bank.prompts[i] for i in idx] for idx in asked[-len(expected):]] == want_prompts
@@ -182,11 +173,10 @@ def test_bdmrun_output_equals_explicit_contexts(parts):
     bank = ContextBank(enc, positive + negative)
     run = BdmRun(bridge, bank, positive, negative, strength=0.8, log=lambda m: None)
     inner = KDiffusionLikeInner(unet)
-    counts = [2, 2]  # AND: two cond rows per image
+    # AND: two cond rows per image
     x_in = torch.randn(6, 4, 8, 8)
     t, en = torch.full((2,), 300.0), torch.randn(2, 77, 64)
-    run.ensure_attached(unet)
-    run.begin_call(x_in, counts, inner)
+    run.denoiser_call(x_in, 4, 2, [[0, 1], [2, 3]], inner, unet)
     with torch.no_grad():
         outs = [inner(x_in[a:a + 2], t, en) for a in (0, 2, 4)]
     run.close()
@@ -223,9 +213,8 @@ def test_unknown_layout_runs_without_branch(parts):
     logs = []
     run = BdmRun(bridge, ContextBank(enc, ["红色", ""]), ["红色"], [""], log=logs.append)
     inner = KDiffusionLikeInner(unet)
-    run.ensure_attached(unet)
     x_in = torch.randn(5, 4, 8, 8)
-    run.begin_call(x_in, [1, 1], inner)  # 5 rows cannot be [c0 c1 u0 u1]
+    run.denoiser_call(x_in, 2, 2, None, inner, unet)  # 5 rows cannot be [c0 c1 u0 u1]
     with torch.no_grad():
         out = inner(x_in, torch.full((5,), 10.0), torch.zeros(5, 77, 64))
     run.close()
@@ -234,15 +223,43 @@ def test_unknown_layout_runs_without_branch(parts):
     assert any("unexpected CFG batch" in m for m in logs)
 
 
-def test_error_mode_stops_at_first_denoiser_call(parts):
+def test_failed_run_stops_at_first_denoiser_call(parts):
     unet, _, _ = parts
-    run = BdmRun(None, None, [], [], error="BDM: no such model")
+    run = BdmRun.failed(BdmError("no BDM model 'x'", 422))
     inner = KDiffusionLikeInner(unet)
-    run.hook_inner(inner)
-    with pytest.raises(BdmRunError, match="no such model"):
+    run.denoiser_call(torch.randn(2, 4, 8, 8), 1, 1, None, inner, unet)
+    with pytest.raises(BdmError, match="no BDM model") as e:
         inner(torch.randn(2, 4, 8, 8), torch.full((2,), 1.0), torch.zeros(2, 77, 64))
+    assert e.value.status_code == 422
     run.close()
-    assert not inner._forward_pre_hooks
+    assert not inner._forward_pre_hooks and not unet._forward_pre_hooks
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_refused_pass_stops_or_runs_without_the_branch(parts, stop):
+    """A pass whose model cannot take the branch (a hires or refiner checkpoint of another family):
+    the generation stops at that pass (default), or it runs without the branch with one warning."""
+    unet, bridge, enc = parts
+    logs = []
+    run = BdmRun(bridge, ContextBank(enc, ["红色", ""]), ["红色"], [""], log=logs.append)
+    run.stop_on_failure = stop
+    inner = KDiffusionLikeInner(unet)
+    x_in, t, en = torch.randn(2, 4, 8, 8), torch.full((2,), 10.0), torch.zeros(2, 77, 64)
+    run.denoiser_call(x_in, 1, 1, None, inner, unet)  # first pass: fine
+    with torch.no_grad():
+        first = inner(x_in, t, en)
+    assert run.attached and run.unet_calls == 1
+    run.denoiser_call(x_in, 1, 1, None, inner, unet, refusal="the loaded checkpoint is SDXL")
+    assert not run.attached
+    if stop:
+        with pytest.raises(BdmError, match="not applied to this pass: the loaded checkpoint is SDXL"):
+            inner(x_in, t, en)
+    else:
+        with torch.no_grad():
+            plain = inner(x_in, t, en)
+        assert not torch.equal(plain, first) and run.unet_calls == 1
+        assert logs == ["BDM is not applied to this pass: the loaded checkpoint is SDXL"]
+    run.close()
 
 
 def test_reattach_follows_unet_swap(parts):

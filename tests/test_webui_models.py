@@ -12,8 +12,9 @@ from bdm.formats import bdm_file
 from bdm.formats.files import short_hash
 from bdm.unet import UNetConfig, UNetModel
 from bdm.webui.context import ContextBank, EncodingCache
-from bdm.webui.manager import BdmModelError, ModelManager, bridge_refusal, unet_refusal
-from bdm.webui.models import ModelEntry, discover_models, find_model
+from bdm.webui.errors import BdmError
+from bdm.webui.manager import ModelManager, bridge_refusal, unet_refusal
+from bdm.webui.models import ModelEntry, discover_models, find_model, pick_model
 from tests.util import build_random
 
 TINY = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
@@ -59,8 +60,9 @@ def test_discovery(tmp_path):
     lone = _dir(extra / "BDM-lone", {"_class_name": "ControlNetModelBDM"})
     (lone / "diffusion_pytorch_model.safetensors").write_bytes(b"w2")
     clip = _dir(extra / "chinese-clip-vit-huge-patch14", {"architectures": ["ChineseCLIPModel"]})
-    entries = discover_models([main, extra, tmp_path / "missing", main])
+    entries = discover_models([main, extra, tmp_path / "missing", main], labels={main: "models/bdm"})
     by_name = {e.name: e for e in entries}
+    assert by_name["b"].where == "models/bdm/sub/b.safetensors" and by_name["BDM-lone"].where == "extra/BDM-lone"
     assert [e.name for e in entries] == ["a", "b", "BDM-lone", "BDM1.0"]  # case-insensitive order
     assert by_name["a"].kind == "bdm" and by_name["a"].hash == short_hash(main / "a.safetensors")
     assert by_name["a"].title == f"a [{by_name['a'].hash}]"
@@ -76,12 +78,31 @@ def test_find_model(tmp_path):
     entries = discover_models([tmp_path])
     toy = next(e for e in entries if e.name == "bdm-toy")
     for q in ("bdm-toy", "bdm-toy.safetensors", toy.title, f"bdm-toy [{toy.hash}]", toy.hash,
-              "BDM-TOY", f"renamed [{toy.hash}]", f"bdm-toy [{'0' * 10}]", str(toy.path)):
+              "BDM-TOY", f"renamed [{toy.hash}]", str(toy.path)):
         assert find_model(q, entries) == toy, q
     for q in (None, "", "None"):
         assert find_model(q, entries) is None
-    with pytest.raises(LookupError, match=r"no BDM model 'nope' \(available: bdm-toy \["):
+    with pytest.raises(LookupError, match=r"no BDM model 'nope' \(installed: bdm-toy \["):
         find_model("nope", entries)
+    # a title whose hash is not the installed file's: a different file under the same name
+    with pytest.raises(LookupError, match=f"'bdm-toy' installed here has hash {toy.hash}, not 0000000000"):
+        find_model(f"bdm-toy [{'0' * 10}]", entries)
+
+
+def test_pick_model(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
+    entries = discover_models([tmp_path])
+    a, b, c = entries
+    assert pick_model("c", entries, "b", a.title) == c  # asked for
+    assert pick_model("", entries, b.title, a.title) == b  # the default of the settings
+    assert pick_model("None", entries, "None", c.title) == c  # the last used
+    assert pick_model("", entries, "", "gone [0123456789]") == a  # the first found
+    with pytest.raises(LookupError, match="the default BDM model of the settings: no BDM model 'x'"):
+        pick_model("", entries, "x", None)
+    with pytest.raises(LookupError, match="no BDM model is installed: put a BDM .safetensors file into "
+                                          "models/bdm.*qihoo360/BDM1.0.*chinese-clip-vit-huge-patch14.*bdm.convert"):
+        pick_model("", [], "", None)
 
 
 def test_manager_loads_and_caches(bdm_path):
@@ -89,6 +110,7 @@ def test_manager_loads_and_caches(bdm_path):
     entry = ModelEntry("tiny-bdm", bdm_path, "bdm")
     bridge = m.load(entry)
     assert bridge.text_encoder is not None and m.load(entry) is bridge
+    assert m.loaded() == [(entry, bridge)]
     assert not any(p.requires_grad for p in bridge.parameters())
 
 
@@ -105,13 +127,16 @@ def test_wrong_files_give_clear_errors(tmp_path, content, message):
     else:
         from safetensors.torch import save_file
         save_file(content, str(path))
-    with pytest.raises(BdmModelError, match=f"BDM: cannot load BDM model 'wrong'.*{message}"):
-        ModelManager().load(ModelEntry("wrong", path, "bdm"))
+    entry = ModelEntry("wrong", path, "bdm", shown="models/bdm/wrong.safetensors")
+    with pytest.raises(BdmError, match=f"cannot load the BDM model 'wrong' \\(models/bdm/wrong.safetensors\\): "
+                                       f"models/bdm/wrong.safetensors: .*{message}") as e:
+        ModelManager().load(entry)
+    assert str(tmp_path) not in str(e.value)  # no absolute path of the server
 
 
 def test_diffusers_without_chinese_clip(tmp_path):
     folder = _dir(tmp_path / "BDM1.0", {"_class_name": "ControlNetModelBDM"})
-    with pytest.raises(BdmModelError, match="needs its Chinese CLIP folder"):
+    with pytest.raises(BdmError, match="needs its Chinese CLIP folder"):
         ModelManager().load(ModelEntry("BDM1.0", folder, "diffusers"))
 
 

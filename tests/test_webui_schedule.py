@@ -10,8 +10,7 @@ import torch
 from bdm.text import prompt_schedule as ps
 from bdm.webui.context import ContextBank, EncodingCache
 from bdm.webui.hooking import BdmRun
-from bdm.webui.layout import cond_counts
-from tests.test_webui_layout import FIXTURES, KDiffusionLikeInner, _calls, _parts
+from tests.layout_util import FIXTURES, KDiffusionLikeInner, recorded_calls, tiny_parts
 
 CACHE = EncodingCache(256)
 SECOND_ORDER = {"Heun", "DPM++ SDE"}  # the WebUI's samplers whose total_steps is 2 × steps
@@ -21,7 +20,7 @@ SECOND_ORDER = {"Heun", "DPM++ SDE"}  # the WebUI's samplers whose total_steps i
 def parts():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield _parts()
+    yield tiny_parts()
     torch.set_num_threads(threads)
 
 
@@ -53,7 +52,7 @@ PICKED = [p for p in FIXTURES if p.stem in ("t2i_hires_b2", "i2i_b2", "t2i_heun_
 @pytest.mark.parametrize("path", PICKED, ids=lambda p: p.stem)
 def test_bdmrun_gives_each_call_the_text_of_its_step(path, parts):
     unet, bridge, enc = parts
-    doc, calls = _calls(path)
+    doc, calls = recorded_calls(path)
     request = doc["request"]
     batch, n_iter = request.get("batch_size", 1), request.get("n_iter", 1)
     positive = ["[红色:蓝色:0.5]", "[绿色|黄色]"] * batch * n_iter
@@ -65,27 +64,32 @@ def test_bdmrun_gives_each_call_the_text_of_its_step(path, parts):
     bank = ContextBank(enc, first.all() + (hires.all() if hires else []), CACHE)
     run = BdmRun(bridge, bank, first.positive, first.negative, log=lambda m: None,
                  hires=(hires.positive, hires.negative) if hires else None)
-    asked = []
-    real_rows = bank.rows
-    bank.rows = lambda slots, step=0: (asked.append([bank.prompts[i] for i in bank.text_indices(slots, step)]),
-                                       real_rows(slots, step))[1]
-    run.record_rows = True
+    asked, roles, seen = [], [], []  # per UNet call: the texts given, the rows' roles
+    real_rows, real_index = bank.rows, run.prompt_index
+    run.prompt_index = lambda role: (seen.append(role), real_index(role))[1]
+
+    def rows(slots, step=0):
+        asked.append([bank.prompts[i] for i in bank.text_indices(slots, step)])
+        roles.append(list(seen))
+        seen.clear()
+        return real_rows(slots, step)
+
+    bank.rows = rows
     image0 = []  # the text of image 0's first cond row, per denoiser call
     try:
         for call in calls:
             inner = KDiffusionLikeInner(unet)
-            run.ensure_attached(unet)
             x_in = torch.randn(call["x_in_rows"], 4, 4, 4)
             run.image_offset = call["iteration"] * batch
-            run.begin_call(x_in, cond_counts(call["conds_list"], call["N_c"], call["B"]), inner,
-                           step=call["step"], hires=call["is_hr_pass"])
+            run.denoiser_call(x_in, call["text_cond_shape"][0], call["text_uncond_shape"][0], call["conds_list"],
+                              inner, unet, step=call["step"], hires=call["is_hr_pass"])
             before = len(asked)
             with torch.no_grad():
                 for ic in call["inner_calls"]:
                     a, n = ic["row_offset"], ic["rows"]
                     inner(x_in[a:a + n], torch.full((n,), 500.0), torch.zeros(n, 77, 64))
             table = hires if call["is_hr_pass"] else first
-            for rows, texts in zip(run.rows_seen[-(len(asked) - before):], asked[before:]):
+            for rows, texts in zip(roles[before:], asked[before:]):
                 want = []
                 for r in rows:
                     g = call["iteration"] * batch + r.image
@@ -112,9 +116,8 @@ def test_hires_pass_without_schedules_warns_and_uses_the_first(parts):
     bank = ContextBank(enc, first.all())
     run = BdmRun(bridge, bank, first.positive, first.negative, log=logs.append)
     inner = KDiffusionLikeInner(unet)
-    run.ensure_attached(unet)
     x_in = torch.randn(2, 4, 4, 4)
-    run.begin_call(x_in, [1], inner, step=3, hires=True)
+    run.denoiser_call(x_in, 1, 1, None, inner, unet, step=3, hires=True)
     with torch.no_grad():
         inner(x_in, torch.full((2,), 500.0), torch.zeros(2, 77, 64))
     run.close()

@@ -55,7 +55,7 @@ def tiny_parts(seed: int = 0):
 def pretrain_backbone(unet, vae, text, size: int, steps: int = 300, seed: int = 0):
     """The toy "English SD": the UNet trained as an ε-model with the "" context on colour blocks of every
     colour (what SD1.5 learnt from its 10 % empty captions: the average image manifold)."""
-    from bdm.train.model import NoiseSchedule
+    from bdm.train.schedules import NoiseSchedule
     g = torch.Generator().manual_seed(seed)
     images = torch.stack([torch.from_numpy(colour_block(rgb, size, 0)).permute(2, 0, 1).float() / 127.5 - 1
                           for rgb in COLOURS.values()])

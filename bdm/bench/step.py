@@ -2,17 +2,23 @@
 
 Variants, interleaved per repeat, medians reported, same weights everywhere:
 - backbone: the SD1.x UNet alone on the CFG pair;
-- ours: backbone + BDM branch through `bdm.attach` (hooks);
-- shared: the same, with the backbone's input blocks computed once per CFG pair (equal English prompts);
+- ours: backbone + BDM branch, its residuals passed to the UNet's forward (`bdm.generate`'s way);
+- shared: the same, with the backbone's encoder half computed once per CFG pair (equal English prompts);
+- hooks: backbone + BDM branch through `bdm.attach` (the WebUI's way, for UNets the project does not own);
 - official: diffusers' `UNet2DConditionModel` + `ControlNetModel` residuals, the hint encoder skipped as
   the official `ControlNetModelBDM` does.
 Peak memory per variant: CUDA's allocator statistics on a GPU; on a CPU the process's peak resident
-memory (VmHWM, reset through /proc/self/clear_refs before each measurement).
+memory (VmHWM, reset through /proc/self/clear_refs before each measurement). With `--processes N` the
+whole measurement runs in N fresh processes one after another, each printing its own lines, and the
+last line gives the median of their ratios (steadier on a machine shared with other work).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,13 +55,19 @@ class SkippedHint(nn.Module):
         return cond.new_zeros(cond.shape[0], self.channels, cond.shape[2] // 8, cond.shape[3] // 8)
 
 
+PROC_STATUS = Path("/proc/self/status")
+
+
 class PeakMemory:
-    """Peak memory of a block of work, in MiB."""
+    """Peak memory of a block of work, in MiB (NaN on a CPU without Linux's /proc: Windows, macOS)."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.peak = float("nan")
 
     def __enter__(self):
+        if self.device.type == "cpu" and not PROC_STATUS.is_file():
+            return self
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -73,12 +85,12 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
-        else:
+        elif PROC_STATUS.is_file():
             self.peak = (self._rss("VmHWM") - self.base) / 2 ** 20
 
     @staticmethod
     def _rss(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in PROC_STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"no {field} in /proc/self/status")
@@ -111,7 +123,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run the measurement in N fresh processes and report the median of their ratios")
     args = parser.parse_args(argv)
+    if args.processes > 1:
+        return across_processes(argv if argv is not None else sys.argv[1:], args.processes)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     cfg, cn_dim, (unet, bridge, peer_unet, peer_cn) = build(args.config, device, dtype)
@@ -128,19 +144,21 @@ def main(argv=None) -> int:
         return unet(x, t, context=en)
 
     def ours():
-        with attach(unet, bridge, cn):
-            return unet(x, t, context=en)
+        return unet(x, t, en, residuals=bridge(x, t, cn))
 
     def shared():
+        return unet(x, t, en, residuals=bridge(x, t, cn), encoder_copies=2)
+
+    def hooks():
         with attach(unet, bridge, cn):
-            return unet(x, t, context=en, encoder_copies=2)
+            return unet(x, t, context=en)
 
     def official():
         down, mid = peer_cn(x, t, encoder_hidden_states=cn, controlnet_cond=hint, return_dict=False)
         return peer_unet(x, t, encoder_hidden_states=en, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
 
-    variants = {"backbone": backbone, "ours": ours, "shared": shared, "official": official}
+    variants = {"backbone": backbone, "ours": ours, "shared": shared, "hooks": hooks, "official": official}
     times = {name: [] for name in variants}
     peaks = {}
     with torch.no_grad():
@@ -161,13 +179,32 @@ def main(argv=None) -> int:
     scale = outputs["official"].float().abs().max().item()
     print(f"config {args.config}, {args.width}x{args.height}, {args.batch} image(s) = {rows} UNet rows, "
           f"{args.device} {args.dtype}, {args.repeats} interleaved repeats")
-    for name in ("ours", "shared"):
+    for name in ("ours", "shared", "hooks"):
         diff = (outputs[name].float() - outputs["official"].float()).abs().max().item()
         print(f"  max |ε_{name} − ε_official| = {diff:.2e} (|ε| ≤ {scale:.2e})")
     med = {name: statistics.median(v) for name, v in times.items()}
     for name in variants:
         print(f"{name:>9}: {med[name] * 1000:9.1f} ms/step (median)   peak {peaks[name]:8.1f} MiB")
-    print(f"RATIOS ours/backbone={med['ours'] / med['backbone']:.2f} shared/backbone="
-          f"{med['shared'] / med['backbone']:.2f} ours/official={med['ours'] / med['official']:.2f} "
-          f"shared/official={med['shared'] / med['official']:.2f}")
+    ratios = {"ours/backbone": med["ours"] / med["backbone"], "shared/backbone": med["shared"] / med["backbone"],
+              "hooks/ours": med["hooks"] / med["ours"], "ours/official": med["ours"] / med["official"],
+              "shared/official": med["shared"] / med["official"]}
+    print("RATIOS " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    return 0
+
+
+def across_processes(argv: list[str], processes: int) -> int:
+    """The bench in `processes` fresh processes, one after another; their output, then the median ratios."""
+    argv = [a for i, a in enumerate(argv) if a != "--processes" and (i == 0 or argv[i - 1] != "--processes")]
+    argv = [a for a in argv if not a.startswith("--processes=") and a != "step"]
+    runs = []
+    for i in range(processes):
+        out = subprocess.run([sys.executable, "-m", "bdm.bench", "step", *argv], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stdout + out.stderr, file=sys.stderr)
+            return out.returncode
+        print(f"-- process {i + 1} of {processes}\n{out.stdout.rstrip()}", flush=True)
+        line = next(line for line in out.stdout.splitlines() if line.startswith("RATIOS "))
+        runs.append({k: float(v) for k, v in re.findall(r"(\S+)=([\d.]+)", line)})
+    print(f"MEDIAN of {processes} processes: RATIOS "
+          + " ".join(f"{k}={statistics.median(r[k] for r in runs):.2f}" for k in runs[0]))
     return 0

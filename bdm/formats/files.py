@@ -79,6 +79,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise FormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a `.safetensors` file, from its header only (nothing is allocated)."""
+    path = _existing_file(path)
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:
+        raise FormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -100,23 +111,28 @@ def materialize(factory):
     return module.to_empty(device="cpu")
 
 
-def load_checked(module: nn.Module, state_dict: dict, source: str, what: str = "weights") -> nn.Module:
-    """`module.load_state_dict(strict)` with an error naming the file, the key, expected vs found."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
+def check_shapes(expected: dict, found: dict, source: str, what: str = "weights", prefix: str = "") -> None:
+    """The tensors `found` (name → shape) are exactly those `expected`, with the same shapes; the error
+    names the file, the key (with `prefix`, as the file spells it), expected vs found."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing (first: {missing[0]!r})")
+            parts.append(f"{len(missing)} missing (first: {prefix + missing[0]!r})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]!r})")
-        raise FormatError(f"{source}: the {what} do not match the expected architecture: "
-                          + "; ".join(parts))
-    for k, v in own.items():
-        if state_dict[k].shape != v.shape:
-            raise FormatError(f"{source}: {what} key {k!r} has shape {tuple(state_dict[k].shape)}, "
-                              f"expected {tuple(v.shape)}")
+            parts.append(f"{len(unexpected)} unexpected (first: {prefix + unexpected[0]!r})")
+        raise FormatError(f"{source}: the {what} do not match the expected architecture: " + "; ".join(parts))
+    for k, shape in expected.items():
+        if tuple(found[k]) != tuple(shape):
+            raise FormatError(f"{source}: {what} key {prefix + k!r} has shape {tuple(found[k])}, "
+                              f"expected {tuple(shape)}")
+
+
+def load_checked(module: nn.Module, state_dict: dict, source: str, what: str = "weights") -> nn.Module:
+    """`module.load_state_dict(strict)` with an error naming the file, the key, expected vs found."""
+    check_shapes({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in state_dict.items()},
+                 source, what)
     module.load_state_dict(state_dict, strict=True)
     return module
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..unet import UNetModel
+from ..unet import UNetConfig, UNetModel
 from .diffusers_names import _block_prefixes, ldm_to_diffusers_key
 from .files import FormatError, read_state_dict
 
@@ -24,6 +24,9 @@ SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 @dataclass
 class LoraLayer:
+    """One layer's low-rank change, kohya's parametrisation: `up @ down · alpha/rank` (1×1 convs: the
+    same on flattened kernels). The toy build trains these too (`bdm.toy.models.LoraLinear`)."""
+
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None
@@ -61,6 +64,28 @@ def read_lora(path: str | os.PathLike) -> dict[str, LoraLayer]:
     return out
 
 
+def unet_lora_base(name: str, prefixes=None) -> str:
+    """The key base of the UNet module `name` (its LDM path): in the diffusers spelling kohya's trainer
+    writes when given the UNet's block `prefixes` (`_block_prefixes`), else in the LDM spelling."""
+    if prefixes is not None:
+        name = ldm_to_diffusers_key(name + ".weight", prefixes)[: -len(".weight")]
+    return "lora_unet_" + name.replace(".", "_")
+
+
+def lora_tensors(unet_config: UNetConfig, layers: dict[str, LoraLayer]) -> dict[str, torch.Tensor]:
+    """The tensors of a kohya/A1111 LoRA file for UNet layers keyed by their LDM module paths (diffusers
+    spelling, as kohya writes it; `read_lora` reads them back)."""
+    prefixes = _block_prefixes(unet_config, decoder=True, controlnet=False)
+    tensors = {}
+    for name, layer in layers.items():
+        base = unet_lora_base(name, prefixes)
+        tensors[base + ".lora_down.weight"] = layer.down.detach().float().contiguous()
+        tensors[base + ".lora_up.weight"] = layer.up.detach().float().contiguous()
+        if layer.alpha is not None:
+            tensors[base + ".alpha"] = torch.tensor(float(layer.alpha))
+    return tensors
+
+
 def lora_targets(unet: UNetModel, text_transformer: nn.Module | None) -> dict[str, nn.Module]:
     """Every module a LoRA key may name → the module: LDM and diffusers spellings for the UNet,
     transformers' spelling for the CLIP text model."""
@@ -68,9 +93,8 @@ def lora_targets(unet: UNetModel, text_transformer: nn.Module | None) -> dict[st
     prefixes = _block_prefixes(unet.config, decoder=True, controlnet=False)
     for name, module in unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            targets["lora_unet_" + name.replace(".", "_")] = module
-            diffusers = ldm_to_diffusers_key(name + ".weight", prefixes)[: -len(".weight")]
-            targets["lora_unet_" + diffusers.replace(".", "_")] = module
+            targets[unet_lora_base(name)] = module
+            targets[unet_lora_base(name, prefixes)] = module
     if text_transformer is not None:
         for name, module in text_transformer.named_modules():
             if isinstance(module, nn.Linear):

@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from ..bridge import Bridge, BridgeConfig
+from .checks import check_module_shapes, check_unet_config
 from .diffusers_names import key_map, unet_config_from_diffusers
-from .files import FormatError, load_checked, materialize, read_json, read_state_dict
+from .files import FormatError, load_checked, read_json, read_state_dict
 
 BDM_CLASS = "ControlNetModelBDM"
 CONTROLNET_CLASS = "ControlNetModel"
@@ -47,18 +50,27 @@ def load_diffusers_bridge(directory: str | os.PathLike, chinese_clip: str | os.P
     if cls not in (BDM_CLASS, CONTROLNET_CLASS):
         raise FormatError(f"{config_file}: _class_name is {cls!r}; expected {BDM_CLASS!r} (official BDM) "
                           f"or {CONTROLNET_CLASS!r}")
-    unet_cfg = unet_config_from_diffusers(config, str(config_file))
+    try:
+        unet_cfg = unet_config_from_diffusers(config, str(config_file))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise FormatError(f"{config_file}: not a usable {cls} config: {type(e).__name__}: {e}") from e
     is_bdm = cls == BDM_CLASS
     hint = None if is_bdm else config.get("conditioning_channels", 3)
-    bridge = materialize(lambda: Bridge(BridgeConfig(unet_cfg, hint)))
+    if hint is not None and (isinstance(hint, bool) or not isinstance(hint, int) or hint < 1):
+        raise FormatError(f"{config_file}: 'conditioning_channels' must be an integer ≥ 1, found {hint!r}")
     weights = _weights_file(directory)
-    tensors = read_state_dict(weights)
+    tensors = read_state_dict(weights)  # bounded by the file; the config is checked against it first
     if is_bdm:
         tensors = {k: v for k, v in tensors.items() if not k.startswith(HINT_PREFIX)}
+    check_unet_config(unet_cfg, len(tensors), str(config_file), "config.json")
+    with torch.device("meta"):
+        bridge = Bridge(BridgeConfig(unet_cfg, hint))
     names = key_map(unet_cfg, bridge.state_dict(), decoder=False, controlnet=True)
     ldm = {ours: tensors[theirs] for ours, theirs in names.items() if theirs in tensors}
     known = set(names.values())
     ldm.update({k: v for k, v in tensors.items() if k not in known})  # reported as unexpected
+    check_module_shapes(bridge, {k: tuple(v.shape) for k, v in ldm.items()}, str(weights), f"{cls} weights")
+    bridge = bridge.to_empty(device="cpu")
     load_checked(bridge, ldm, str(weights), f"{cls} weights")
     bridge.meta = {"bdm.source": str(directory)}
     if chinese_clip is not None:

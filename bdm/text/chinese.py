@@ -46,12 +46,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..formats.checks import check_text_config
 from ..formats.files import read_state_dict
 from .emphasis import apply_weights
 from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .tokenizer import BertChineseTokenizer
 
-__all__ = ["ARCH_KEYS", "CHUNK_TOKENS", "CONTEXT_TOKENS", "ChineseTextEncoder", "context_length", "toy_config"]
+__all__ = ["ARCH_KEYS", "CHUNK_TOKENS", "CONTEXT_TOKENS", "ChineseTextEncoder", "context_length", "default_tokenizer",
+           "prompt_chunks", "token_count", "toy_config"]
 
 CHUNK_TOKENS = 50
 CONTEXT_TOKENS = CHUNK_TOKENS + 2  # one chunk as the text tower reads it: [CLS] + 50 + [SEP]
@@ -185,15 +187,14 @@ class ChineseTextEncoder(nn.Module):
             if "hidden_size" not in full:
                 raise ValueError(f"{config_file}: neither a ChineseCLIPModel (text_config) nor a text model config")
             text_config = full
+        tensors, source = _read_text_weights(path)  # read first: the config is checked against them
+        check_text_config(text_config, {k: tuple(t.shape) for k, t in tensors.items()}, str(config_file),
+                          "text_config" if text_config is not full else "config", prefix=f"{source}: text_model.")
         enc = cls(text_config, **kwargs)
-        enc._load_hf_weights(path)
+        enc.load_weights(tensors, source=source)
         if dtype is not None:
             enc.to(dtype)
         return enc
-
-    def _load_hf_weights(self, path: Path) -> None:
-        tensors, source = _read_text_weights(path)
-        self.load_weights(tensors, source=source)
 
     def text_state_dict(self) -> dict[str, torch.Tensor]:
         """ChineseCLIPTextModel weights (HF key names, no ``model.``/``text_model.`` prefix),
@@ -245,38 +246,12 @@ class ChineseTextEncoder(nn.Module):
 
     # -- tokens -> chunks -------------------------------------------------------------
     def prompt_chunks(self, text: str) -> list[tuple[list[int], list[float]]]:
-        """Token ids and weights per chunk (<= 50 each, no specials), before truncation.
-
-        Follows A1111: a full chunk is closed when the next token arrives (so exactly 50
-        tokens stay one chunk), ``BREAK`` closes the current chunk even if empty, and an
-        empty prompt is one empty chunk.
-        """
-        chunks: list[tuple[list[int], list[float]]] = []
-        ids: list[int] = []
-        weights: list[float] = []
-        for piece, weight in parse_prompt_attention(text):
-            if piece == "BREAK" and weight == BREAK_WEIGHT:
-                chunks.append((ids, weights))
-                ids, weights = [], []
-                continue
-            for token in self.tokenizer.encode(piece):
-                if len(ids) == CHUNK_TOKENS:
-                    chunks.append((ids, weights))
-                    ids, weights = [], []
-                ids.append(token)
-                weights.append(weight)
-        if ids or not chunks:
-            chunks.append((ids, weights))
-        return chunks
+        """Token ids and weights per chunk (<= 50 each, no specials), before truncation."""
+        return prompt_chunks(text, self.tokenizer)
 
     def token_count(self, text: str) -> tuple[int, int]:
-        """``(used, capacity)`` for the WebUI counter, counted like A1111: every chunk but
-        the last counts as full (50), capacity is the next multiple of 50, capped at
-        ``max_chunks * 50`` so ``used > capacity`` means the prompt will be truncated."""
-        chunks = self.prompt_chunks(text)
-        used = CHUNK_TOKENS * (len(chunks) - 1) + len(chunks[-1][0])
-        n = min(math.ceil(max(used, 1) / CHUNK_TOKENS), self.max_chunks)
-        return used, n * CHUNK_TOKENS
+        """``(used, capacity)`` for a token counter (see the module function ``token_count``)."""
+        return token_count(text, self.tokenizer, self.max_chunks)
 
     def chunk_ids(self, prompts: list[str], min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids`` [B, k, 52] (long) and ``weights`` [B, k, 52] (1.0 on specials/padding)."""
@@ -329,6 +304,55 @@ class ChineseTextEncoder(nn.Module):
             z = apply_weights(z, weights.to(z.device))
             # the first chunk's [CLS], every chunk's 50 token positions, the last chunk's last position
             return torch.cat([z[:, 0, :1], z[:, :, 1:-1].flatten(1, 2), z[:, -1, -1:]], dim=1)
+
+
+_DEFAULT_TOKENIZER = None
+
+
+def default_tokenizer():
+    """The tokenizer every ChineseTextEncoder uses unless given another (the shipped vocabulary);
+    built once. Counting tokens needs no model."""
+    global _DEFAULT_TOKENIZER
+    if _DEFAULT_TOKENIZER is None:
+        _DEFAULT_TOKENIZER = BertChineseTokenizer()
+    return _DEFAULT_TOKENIZER
+
+
+def prompt_chunks(text: str, tokenizer=None) -> list[tuple[list[int], list[float]]]:
+    """Token ids and weights per chunk (<= 50 each, no specials), before truncation.
+
+    Follows A1111: a full chunk is closed when the next token arrives (so exactly 50
+    tokens stay one chunk), ``BREAK`` closes the current chunk even if empty, and an
+    empty prompt is one empty chunk.
+    """
+    tokenizer = tokenizer or default_tokenizer()
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    for piece, weight in parse_prompt_attention(text):
+        if piece == "BREAK" and weight == BREAK_WEIGHT:
+            chunks.append((ids, weights))
+            ids, weights = [], []
+            continue
+        for token in tokenizer.encode(piece):
+            if len(ids) == CHUNK_TOKENS:
+                chunks.append((ids, weights))
+                ids, weights = [], []
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        chunks.append((ids, weights))
+    return chunks
+
+
+def token_count(text: str, tokenizer=None, max_chunks: int = DEFAULT_MAX_CHUNKS) -> tuple[int, int]:
+    """``(used, capacity)`` for a token counter, counted like A1111: every chunk but the last counts
+    as full (50), capacity is the next multiple of 50, capped at ``max_chunks * 50``, so
+    ``used > capacity`` means the prompt will be truncated (by ``used - capacity`` tokens)."""
+    chunks = prompt_chunks(text, tokenizer)
+    used = CHUNK_TOKENS * (len(chunks) - 1) + len(chunks[-1][0])
+    n = min(math.ceil(max(used, 1) / CHUNK_TOKENS), max_chunks)
+    return used, n * CHUNK_TOKENS
 
 
 def _read_text_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..formats.lora import lora_tensors
+from ..train.ema import EMA
+from ..train.schedules import NoiseSchedule, lr_factor
 from . import domain as D
 from . import models as M
 from . import paths
@@ -38,17 +41,18 @@ class Steps:
     judge: int = 1500  # never scaled: the judge must be good whatever the build's scale
     backbone: int = 6000
     backbone_batch: int = 64
-    chinese_clip: int = 3000  # 400 left 圆形 and 正方形 with the same sentence embedding (cos 1.00; now 0.77)
+    chinese_clip: int = 3000  # fewer leave shapes with one sentence embedding (docs/training-notes.md)
     bdm: int = 3000
     bdm_batch: int = 64
     lora: int = 400
-    controlnet: int = 1600  # with BDM attached: 800 steps at lr 5e-4 gave position 79.6 %, 1600 at 1e-3 86.6 %
+    controlnet: int = 1600  # at lr 1e-3: position well above 800 steps at 5e-4 (docs/training-notes.md)
     dreambooth: int = 800
     ti: int = 300
     plugin_batch: int = 32
 
 
 FULL = Steps()
+LR_FLOOR = 0.1  # every stage's learning rate: warm-up, then a cosine decay to a tenth of the peak
 
 
 def scaled(steps: Steps, scale: float) -> Steps:
@@ -131,7 +135,7 @@ def train_vae(images: torch.Tensor, steps: Steps, gen: torch.Generator):
     with bar(steps.vae, "VAE") as pb:
         for step in range(steps.vae):
             for g in opt.param_groups:
-                g["lr"] = 2e-3 * M.cosine_lr(step, steps.vae, warmup=50)
+                g["lr"] = 2e-3 * lr_factor(step, steps.vae, 50, "cosine", LR_FLOOR)
             idx = torch.randint(0, n, (steps.vae_batch,), generator=gen)
             x = images[idx]
             if step < int(0.9 * steps.vae):  # most steps on 32×32 crops: 4× cheaper, same convolutions
@@ -173,8 +177,8 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_judge(steps: Steps, gen: torch.Generator, seed: int, vae):
     """Classifiers for every attribute, on ground-truth pictures with their true labels: half of each batch
-    as rendered, half as the toy VAE reconstructs them (what every generated image has been through —
-    on striped backgrounds a judge that only saw renders read 88 % of the reconstructed shapes)."""
+    as rendered, half as the toy VAE reconstructs them: what every generated image has been through (a judge
+    that only saw renders misread reconstructed shapes; docs/training-notes.md)."""
     rng = random.Random(seed + 17)
     n = max(64, steps.judge * 4)
     specs = [D.random_spec(rng, background=rng.choice(D.BACKGROUNDS), drawing=rng.choice(D.DRAWINGS))
@@ -188,7 +192,7 @@ def train_judge(steps: Steps, gen: torch.Generator, seed: int, vae):
     with bar(steps.judge, "judge") as pb:
         for step in range(steps.judge):
             for g in opt.param_groups:
-                g["lr"] = 2e-3 * M.cosine_lr(step, steps.judge, warmup=30)
+                g["lr"] = 2e-3 * lr_factor(step, steps.judge, 30, "cosine", LR_FLOOR)
             idx = torch.randint(0, n, (64,), generator=gen)
             pick = (torch.rand(64, generator=gen) < 0.5).view(-1, 1, 1, 1)
             out = judge(augment(torch.where(pick, rebuilt[idx], images[idx]), gen))
@@ -228,14 +232,14 @@ def diffusion_loop(name: str, total: int, params, lr: float, sample_batch, eps_f
                    modules_to_ema=None, ema_decay: float = 0.999, warmup: int = 100, t_max: int | None = None):
     """Generic ε-prediction training loop; `sample_batch()` → (z0, captions or extras); timesteps drawn
     from [0, t_max) (default: the whole schedule)."""
-    sched = M.Schedule()
+    sched = NoiseSchedule()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ema = M.EMA(modules_to_ema, ema_decay) if modules_to_ema is not None else None
+    ema = EMA(modules_to_ema, ema_decay) if modules_to_ema is not None else None
     avg = None
     with bar(total, name) as pb:
         for step in range(total):
             for g in opt.param_groups:
-                g["lr"] = lr * M.cosine_lr(step, total, warmup=min(warmup, max(1, total // 10)))
+                g["lr"] = lr * lr_factor(step, total, min(warmup, max(1, total // 10)), "cosine", LR_FLOOR)
             z0, extra = sample_batch()
             z_t, t, noise = sched.noisy(z0, gen, t_max)
             loss = F.mse_loss(eps_fn(z_t, t, extra), noise)
@@ -333,7 +337,7 @@ def train_chinese_clip(pool: Pool, steps: Steps, gen: torch.Generator, seed: int
     with bar(steps.chinese_clip, "Chinese CLIP") as pb:
         for step in range(steps.chinese_clip):
             for g in opt.param_groups:
-                g["lr"] = 1e-3 * M.cosine_lr(step, steps.chinese_clip, warmup=30)
+                g["lr"] = 1e-3 * lr_factor(step, steps.chinese_clip, 30, "cosine", LR_FLOOR)
             idx = torch.randint(0, n, (128 if n >= 128 else n,), generator=gen)
             caps = [D.chinese_caption(pool.specs[i], D.train_template(rng, "zh")) for i in idx.tolist()]
             ids, _ = encoder.chunk_ids(caps)
@@ -413,12 +417,11 @@ def train_lora(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed:
     params = [p for lora in loras.values() for p in (lora.down, lora.up)]
     diffusion_loop("LoRA", steps.lora, params, 2e-3, sample_batch, lambda z, t, ctx: lora_unet(z, t, ctx), gen,
                    warmup=30)
-    return M.lora_state_dict(unet.config, loras)
+    return lora_tensors(unet.config, {name: lora.layer for name, lora in loras.items()})
 
 
 def train_controlnet(unet, text, pool: Pool, steps: Steps, gen: torch.Generator, seed: int):
     from ..bridge import Bridge
-    from ..train.model import backbone_eps
     torch.manual_seed(seed + 5)
     control = Bridge.from_backbone(unet, hint_channels=3).train()
     rows = torch.tensor(english_rows(pool))
@@ -432,8 +435,7 @@ def train_controlnet(unet, text, pool: Pool, steps: Steps, gen: torch.Generator,
 
     def eps_fn(z_t, t, extra):
         ctx, hint = extra
-        down, mid = control(z_t, t, ctx, hint=hint)
-        return backbone_eps(unet, z_t, t, ctx, down, mid)  # what bdm.attach computes, frozen backbone
+        return unet(z_t, t, ctx, residuals=control(z_t, t, ctx, hint=hint))  # the frozen backbone
 
     ema = diffusion_loop("ControlNet", steps.controlnet, list(control.parameters()), 1e-3, sample_batch, eps_fn,
                          gen, control, 0.995, warmup=50)
@@ -448,7 +450,7 @@ def train_dreambooth(unet, text, pool: Pool, steps: Steps, gen: torch.Generator,
     """A style fine-tune of the whole UNet on outline pictures with their English captions. It trains the
     timesteps below DREAMBOOTH_T_MAX only, where the drawing style is decided and not the composition (as
     the timestep-bias options of diffusers' training scripts do), and never on empty captions: together they
-    cut the shape BDM loses on the fine-tuned backbone from 7.9 / 13.4 to 1.9 / 7.8 points on two builds."""
+    keep most of BDM's shape accuracy on the fine-tuned backbone (docs/training-notes.md)."""
     torch.manual_seed(seed + 6)
     tuned = copy.deepcopy(unet).train().requires_grad_(True)
     rng = random.Random(seed + 6)

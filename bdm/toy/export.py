@@ -111,8 +111,12 @@ Trigger words and how to use them (Chinese prompt → the BDM panel, English pro
   checkpoint  {paths.backbone_checkpoint().stem} (64×64, English prompt "" or e.g. "a red circle")
   BDM         {paths.bdm_file().stem}: Chinese prompt e.g. 红色的圆形, 蓝色的三角形, 黄色的五角星
   LoRA        <lora:{paths.lora_file().stem}:1> {D.LORA_TRIGGER}   (striped background)
-  ControlNet  {paths.controlnet_file().stem}: control image = the object's bounding box, white filled
-              rectangle on black, 64×64 (fixes the position)
+  ControlNet  {paths.controlnet_file().stem}: NOT loadable by the stock sd-webui-controlnet extension. It
+              builds every SD1 ControlNet with SD1.5's block layout (320 channels, 4 levels), and this toy
+              ControlNet has the small toy backbone's layout: the extension fails to load it (and then
+              generates without control). It is copied for the project's WebUI test suite only, which
+              adds a test-only shim (tests/webui/foreign.py); use it headless with
+              `python -m bdm.toy eval` or `python -m bdm.generate --controlnet`. Real SD1.5 ControlNets work with BDM.
   embedding   {paths.embedding_file().stem} in the English prompt (small objects; the name is the file name)
   DreamBooth  switch the checkpoint to {paths.dreambooth_checkpoint().stem} (outline drawings)
 Set width and height to 64.""")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.model import NoiseSchedule
+from ..formats.lora import LoraLayer
 from ..unet import UNetConfig, UNetModel
 from ..vae import VAEConfig
 
@@ -46,68 +46,28 @@ def english_hidden(encoder, ids: torch.Tensor) -> torch.Tensor:
     return encoder.transformer(input_ids=ids).last_hidden_state
 
 
-# -- diffusion ---------------------------------------------------------------------------------------
-
-class Schedule(NoiseSchedule):
-    """SD1's training schedule (the one `bdm.train` uses), drawing timesteps and noise from a generator."""
-
-    def noisy(self, z0: torch.Tensor, generator: torch.Generator, t_max: int | None = None):
-        """z0 noised at timesteps drawn from [0, t_max) (default: the whole schedule)."""
-        t = torch.randint(0, t_max or self.num_timesteps, (z0.shape[0],), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator)
-        return self.add_noise(z0, noise, t), t, noise
-
-
-class EMA:
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
-        self.n = 0
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        self.n += 1
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
-        for k, v in module.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-    def copy_to(self, module: nn.Module) -> nn.Module:
-        module.load_state_dict({k: v for k, v in self.shadow.items()})
-        return module
-
-
-def cosine_lr(step: int, total: int, warmup: int = 100, low: float = 0.1) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * p))
-
-
 # -- LoRA ------------------------------------------------------------------------------------------
 
 class LoraLinear(nn.Module):
-    """A frozen Linear/1×1-Conv plus a trainable low-rank delta (kohya's parametrisation)."""
+    """A frozen Linear/1×1-Conv plus a trainable `LoraLayer` (kohya's parametrisation, in the shapes its
+    files hold): what the toy LoRA stage trains."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
-        self.base, self.rank, self.alpha = base, rank, alpha
-        if isinstance(base, nn.Linear):
-            fan_in, fan_out = base.in_features, base.out_features
-        else:
-            fan_in, fan_out = base.in_channels, base.out_channels
-        self.down = nn.Parameter(torch.randn(rank, fan_in) / math.sqrt(fan_in))
-        self.up = nn.Parameter(torch.zeros(fan_out, rank))
+        self.base, self.alpha = base, alpha
+        fan_in, fan_out = base.weight.shape[1], base.weight.shape[0]
+        down, up = torch.randn(rank, fan_in) / math.sqrt(fan_in), torch.zeros(fan_out, rank)
+        if isinstance(base, nn.Conv2d):
+            down, up = down[..., None, None], up[..., None, None]
+        self.down, self.up = nn.Parameter(down), nn.Parameter(up)
+
+    @property
+    def layer(self) -> LoraLayer:
+        return LoraLayer(self.down, self.up, self.alpha)
 
     def forward(self, x):
-        y = self.base(x)
-        scale = self.alpha / self.rank
-        if isinstance(self.base, nn.Linear):
-            return y + scale * F.linear(F.linear(x, self.down), self.up)
-        w = (self.up @ self.down)[..., None, None]
-        return y + scale * F.conv2d(x, w)
+        delta = self.layer.delta(self.base.weight)
+        return self.base(x) + (F.linear(x, delta) if isinstance(self.base, nn.Linear) else F.conv2d(x, delta))
 
 
 LORA_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -124,23 +84,6 @@ def add_loras(unet: UNetModel, rank: int, alpha: float) -> dict[str, LoraLinear]
             setattr(parent, leaf, wrapped)
             out[name] = wrapped
     return out
-
-
-def lora_state_dict(unet_config: UNetConfig, loras: dict[str, LoraLinear]) -> dict[str, torch.Tensor]:
-    """kohya/A1111 keys: `lora_unet_<diffusers module path with _>` + lora_down/lora_up/alpha."""
-    from ..formats.diffusers_names import _block_prefixes, ldm_to_diffusers_key
-    prefixes = _block_prefixes(unet_config, decoder=True, controlnet=False)
-    tensors = {}
-    for name, lora in loras.items():
-        diffusers = ldm_to_diffusers_key(name + ".weight", prefixes)[: -len(".weight")]
-        base = "lora_unet_" + diffusers.replace(".", "_")
-        down, up = lora.down.detach().float(), lora.up.detach().float()
-        if isinstance(lora.base, nn.Conv2d):
-            down, up = down[..., None, None], up[..., None, None]
-        tensors[base + ".lora_down.weight"] = down.contiguous()
-        tensors[base + ".lora_up.weight"] = up.contiguous()
-        tensors[base + ".alpha"] = torch.tensor(float(lora.alpha))
-    return tensors
 
 
 # -- the judge ---------------------------------------------------------------------------------------

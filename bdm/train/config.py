@@ -91,7 +91,7 @@ class TrainConfig:
                                   "(the same kernels and numbers, far less CPU launch time; one graph per batch "
                                   "shape, up to 8, then eager; not under torchrun or with checkpointing)")
     compile: bool = opt(False, "torch.compile the training step's forward and backward (fuses the small "
-                               "element-wise kernels: 2-7 %% less time per step on a 2-core CPU; the first step, and "
+                               "element-wise kernels: a few %% less time per step on a CPU; the first step, and "
                                "each new batch shape, spends a minute or more compiling; CUDA graphs off)")
     ema: bool = opt(False, "keep an exponential moving average of the branch; exported files use it")
     ema_decay: float = opt(0.9999, "EMA decay (with the usual (1+n)/(10+n) warm-up)")

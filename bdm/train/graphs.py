@@ -10,12 +10,11 @@ a graph yet are captured (up to `max_graphs`, all sharing one memory pool: they 
 time); beyond that they run eagerly.
 
 Memory: a graph keeps its pool for good, so the pool's slack is paid at every step. Left to itself the
-caching allocator grows a pool in many segments (20 MiB ones for every 1-10 MiB tensor) and fragments it
-(SD1.5, bf16, 512² b2, on an H200: 3856 MiB of segments for a 2780 MiB peak). So the first capture starts by
-reserving one segment as large as the warm-up's peak of large tensors, which later large tensors are
-carved from; and warm-up and capture run on one stream, so the cuBLAS workspaces the warm-up creates for
-that stream (2 × 32 MiB on Hopper) serve the capture too instead of being allocated again inside the pool
-(same case: 2756 MiB). Measuring that peak resets the device's peak-memory statistic, so the trainer's
+caching allocator grows a pool in many small segments and fragments it (docs/training-notes.md has the
+figures). So the first capture starts by reserving one segment as large as the warm-up's peak of large
+tensors, which later large tensors are carved from; and warm-up and capture run on one stream, so the
+cuBLAS workspaces the warm-up creates for that stream serve the capture too instead of being allocated
+again inside the pool. Measuring that peak resets the device's peak-memory statistic, so the trainer's
 memory readout counts from the first capture.
 
 Not used where it cannot work: on CPU, under DistributedDataParallel (its gradient hooks run outside

@@ -5,7 +5,6 @@ import contextlib
 import json
 import math
 import random
-import resource
 import sys
 import time
 from collections import Counter
@@ -20,7 +19,8 @@ from .config import TrainConfig, config_json
 from .distributed import Dist, setup
 from .ema import EMA
 from ..formats.files import materialize
-from .model import BridgeTrainingModel, NoiseSchedule, compiled_loss, freeze
+from .model import BridgeTrainingModel, compiled_loss, freeze
+from .schedules import NoiseSchedule, lr_factor
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -41,20 +41,6 @@ def load_chinese_encoder(spec: str):
     from ..formats.bdm_file import load_bdm
     bridge = load_bdm(path, with_text_encoder=True)
     return bridge.text_encoder
-
-
-def lr_factor(step: int, config: TrainConfig, total: int) -> float:
-    """Warm-up then constant / cosine / linear, as a multiple of the peak learning rate."""
-    if config.lr_warmup_steps and step < config.lr_warmup_steps:
-        return (step + 1) / config.lr_warmup_steps
-    if config.lr_schedule == "constant":
-        return 1.0
-    span = max(1, total - config.lr_warmup_steps)
-    progress = min(1.0, (step - config.lr_warmup_steps) / span)
-    low = config.min_lr_ratio
-    if config.lr_schedule == "cosine":
-        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
-    return low + (1 - low) * (1 - progress)
 
 
 def make_optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -82,10 +68,22 @@ def make_scaler(mixed_precision: str, device: torch.device):
         return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")
 
 
-def peak_memory_gb(device: torch.device) -> float:
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The run's peak memory in GiB: CUDA's allocator on a GPU; on a CPU the process's peak resident
+    memory (POSIX getrusage, or psutil's peak working set on Windows); None where neither is available."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:
+        import resource  # POSIX only: imported here, so the trainer starts on Windows too
+    except ImportError:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # Windows
+        return peak / 2**30 if peak is not None else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -313,7 +311,7 @@ class Trainer:
         if self.data_kind != "shards":
             return self.dataset_size
         if not hasattr(self, "_shard_count"):
-            self._shard_count = sum(1 for shard in self.shards for _ in D._records(shard))
+            self._shard_count = sum(1 for shard in self.shards for _ in D.shard_records(shard))
         return self._shard_count
 
     # -- state ------------------------------------------------------------------------------------
@@ -412,8 +410,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+        factor = lr_factor(self.step, self.total_steps, c.lr_warmup_steps, c.lr_schedule, c.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = c.learning_rate * lr_factor(self.step, c, self.total_steps)
+            group["lr"] = c.learning_rate * factor
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -464,7 +463,8 @@ class Trainer:
                 mem = peak_memory_gb(self.device)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                sps=f"{window_steps * global_batch / max(elapsed, 1e-9):.1f}", mem=f"{mem:.2f}G",
+                                sps=f"{window_steps * global_batch / max(elapsed, 1e-9):.1f}",
+                                mem="n/a" if mem is None else f"{mem:.2f}G",
                                 refresh=False)
                 if self.step % max(1, c.log_every) == 0 or self.step == self.total_steps:
                     total_loss, n, skipped = dist.sum([window_loss, window_steps, sum(self.skipped.values())])
@@ -478,7 +478,7 @@ class Trainer:
                             f.write(json.dumps(record) + "\n")
                         if self.tb is not None:
                             for k, v in record.items():
-                                if k != "step":
+                                if k != "step" and v is not None:
                                     self.tb.add_scalar(f"train/{k}", v, self.step)
                     window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
                 if c.validation_every and self.step % c.validation_every == 0:

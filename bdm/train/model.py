@@ -1,15 +1,13 @@
 """The training step's model: frozen backbone + trainable branch, and the paper's loss.
 
-`backbone_eps` computes exactly what `bdm.attach(unet, bridge, …)` + `unet(x, t, context)` computes
-(skip residual i onto the skip half entering `output_blocks[n-1-i]`, the middle residual onto
-`middle_block`'s output — tested against `bdm.attach`), but spends no autograd on the part the branch
-cannot influence: the backbone's `time_embed`, `input_blocks` and `middle_block` run under
-`torch.no_grad()` (their inputs are the noisy latents and the constant English "" context). Only the
-decoder half (`output_blocks`, `out`) is recorded, so the loss's gradient flows back through it to the
-branch's residuals; the backbone's parameters never require gradients. The frozen decoder's convolutions
-keep only their weights for backward (`bdm.train.lean`), which makes a step's peak memory lower than the
-peer's at no cost in time; optionally the last N decoder blocks keep no activations at all and are
-recomputed in backward from their two inputs (activation checkpointing of the frozen half).
+The step is the UNet's own forward with the branch's residuals (`UNetModel.forward(…, residuals=…)`),
+so it is what generation computes. It spends no autograd on the part the branch cannot influence: the
+backbone is frozen and its inputs (the noisy latents, the constant English "" context) need no
+gradient, so its `time_embed`, `input_blocks` and `middle_block` record nothing; only the decoder half
+(`output_blocks`, `out`), which the residuals enter, is recorded for the loss's gradient to reach the
+branch. The frozen decoder's convolutions keep only their weights for backward (`bdm.train.lean`), which
+makes a step's peak memory lower than the peer's at no cost in time; optionally the last N decoder blocks
+keep no activations at all and are recomputed in backward (activation checkpointing of the frozen half).
 """
 from __future__ import annotations
 
@@ -18,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bridge import Bridge
-from ..unet import UNetModel, run_block, time_embedding
+from ..unet import UNetModel
 from .lean import lean_convolutions
 
 
@@ -27,44 +25,6 @@ def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
-
-
-def _decoder_block(block: nn.Module, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor,
-                   context: torch.Tensor) -> torch.Tensor:
-    return block(torch.cat([h, skip], dim=1), emb, context)
-
-
-def backbone_eps(unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 down: list[torch.Tensor], mid: torch.Tensor, checkpoint_decoder=()) -> torch.Tensor:
-    """ε of the backbone with the branch's residuals added (strength 1); decoder blocks whose index is in
-    `checkpoint_decoder` are recomputed in backward instead of keeping their activations (same numbers)."""
-    with torch.no_grad():
-        emb = time_embedding(unet, timesteps, x.shape[0], x.dtype, unet.config.model_channels)
-        hs, h = [], x
-        for block in unet.input_blocks:
-            h = block(h, emb, context)
-            hs.append(h)
-        h = unet.middle_block(h, emb, context)
-    h = h + mid.to(h.dtype)
-    n = len(down)
-    for j, block in enumerate(unet.output_blocks):
-        skip = hs.pop() + down[n - 1 - j].to(h.dtype)
-        h = run_block(_decoder_block, j in checkpoint_decoder, block, h, skip, emb, context, reentrant=True)
-    return unet.out(h)
-
-
-class NoiseSchedule:
-    """SD1.5's training schedule (scaled-linear β, 1000 steps): q(z_t | z_0)."""
-
-    def __init__(self, device=None):
-        from ..sampling import sd1_alphas_cumprod
-        ac = sd1_alphas_cumprod().to(device)
-        self.num_timesteps = ac.shape[0]
-        self.sqrt_ac, self.sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
-
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (z0.ndim - 1)
-        return (self.sqrt_ac[t].view(shape) * z0.float() + self.sqrt_1m_ac[t].view(shape) * noise.float())
 
 
 class BridgeTrainingModel(nn.Module):
@@ -90,11 +50,11 @@ class BridgeTrainingModel(nn.Module):
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, chinese: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.dtype
         z_t = z_t.to(dtype)
-        down, mid = self.branch(z_t, t, chinese)
+        residuals = self.branch(z_t, t, chinese)
         english = self.english.to(dtype).expand(z_t.shape[0], *self.english.shape[1:])
         n = len(self.unet.output_blocks)
         recompute = range(n - min(n, self.checkpoint_backbone), n)
-        return backbone_eps(self.unet, z_t, t, english, down, mid, recompute)
+        return self.unet(z_t, t, english, residuals=residuals, checkpoint_decoder=recompute)
 
     def loss(self, z_t: torch.Tensor, t: torch.Tensor, chinese: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """ε-prediction MSE (mean over every element), computed in fp32."""

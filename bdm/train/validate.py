@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 
-from ..inject import attach
 from ..sampling import EpsDenoiser, sample
 
 
@@ -23,7 +22,8 @@ def generate(unet, vae, bridge, chinese: torch.Tensor, uncond: torch.Tensor, eng
                          f"{uncond.shape[1]}: encode them together (one call of ChineseTextEncoder.encode)")
     rows = torch.cat([uncond.expand(n, -1, -1), chinese]).to(device, dtype)
     en = english.to(device, dtype)
-    eps = EpsDenoiser(lambda x, t: unet(x, t, context=en.expand(x.shape[0], -1, -1))).to(device)
+    eps = EpsDenoiser(lambda x, t: unet(x, t, en.expand(x.shape[0], -1, -1),
+                                        residuals=bridge.residuals(x, t, rows, strength))).to(device)
 
     def denoise(x, sigma):
         out = eps(torch.cat([x, x]), torch.cat([sigma, sigma]))
@@ -32,8 +32,7 @@ def generate(unet, vae, bridge, chinese: torch.Tensor, uncond: torch.Tensor, eng
 
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, unet.config.in_channels, latent_size, latent_size), generator=g).to(device, dtype)
-    with attach(unet, bridge, rows, strength=strength):
-        latents = sample(sampler, denoise, noise, steps, sigma_schedule=eps, generator=g)
+    latents = sample(sampler, denoise, noise, steps, sigma_schedule=eps, generator=g)
     images = vae.decode(latents.to(vae.dtype)).float()
     return ((images + 1) / 2).clamp(0, 1).cpu()
 

@@ -51,6 +51,25 @@ def row_roles(counts: Sequence[int], uncond_blocks: int = 1) -> list[RowRole]:
     return roles
 
 
+def rows_of(cond) -> int:
+    """Rows of a conditioning tensor as `CFGDenoiserParams` gives it (SDXL: a dict of tensors)."""
+    if isinstance(cond, dict):
+        cond = cond.get("crossattn", next(iter(cond.values())))
+    return int(cond.shape[0])
+
+
+def cfg_rows(x_rows: int, n_cond: int, n_uncond: int, conds_batch=None) -> list[RowRole]:
+    """Roles of the `x_rows` rows of one `CFGDenoiser.forward` call, from what `on_cfg_denoiser` sees:
+    `n_cond` rows of text cond, `n_uncond` (= images) rows of text uncond, and the WebUI's per-image
+    AND-subprompt lists when known (`MulticondLearnedConditioning.batch`). An edit model's x carries a
+    second block of uncond rows. Raises ValueError when `x_rows` fits neither layout."""
+    counts = cond_counts(conds_batch, n_cond, n_uncond)
+    for blocks in (1, 2):
+        if x_rows == n_cond + blocks * len(counts):
+            return row_roles(counts, blocks)
+    raise ValueError(f"BDM: unexpected CFG batch of {x_rows} rows for cond rows {list(counts)} per image")
+
+
 def row_offset(x, base) -> int | None:
     """Row offset of tensor `x` inside `base` when `x` is a row slice (view) of it, else None."""
     try:

@@ -1,7 +1,7 @@
 """Loading BDM models for the WebUI (kept in memory, LRU) and checking them against the loaded UNet.
 
-Every failure becomes one `BdmModelError` whose message names the model, the file and the reason, so
-the script can show it in the UI and the console and let the generation go on without BDM.
+Every failure becomes one `BdmError` whose message names the model, the file (relative to its models
+folder) and the reason; the session decides whether it stops the generation or becomes a warning.
 """
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import os
 from collections import OrderedDict
 
 from ..formats.files import FormatError
+from .errors import BdmError
 from .models import ModelEntry
-
-
-class BdmModelError(RuntimeError):
-    """A BDM model cannot be used; the message is meant for the user."""
 
 
 def unet_refusal(unet, *, is_sdxl=False, is_sd2=False, is_sd3=False, custom_unet=False,
@@ -67,14 +64,14 @@ class ModelManager:
 
     def __init__(self, size: int = 1):
         self.size = max(1, int(size))
-        self._loaded: OrderedDict = OrderedDict()
+        self._loaded: OrderedDict = OrderedDict()  # key -> (entry, bridge)
+
+    def loaded(self) -> list[tuple[ModelEntry, object]]:
+        """The models in memory, least recently used first."""
+        return list(self._loaded.values())
 
     def clear(self) -> None:
         self._loaded.clear()
-
-    def bridges(self) -> list:
-        """The branches kept in memory, least recently used first."""
-        return list(self._loaded.values())
 
     def resize(self, size: int) -> None:
         self.size = max(1, int(size))
@@ -91,12 +88,14 @@ class ModelManager:
         return (str(entry.path), stamp, str(entry.chinese_clip))
 
     def load(self, entry: ModelEntry):
+        """The branch of `entry` with its Chinese encoder (cached). Raises BdmError naming the model,
+        its file (as users see it) and what is wrong."""
         key = self._key(entry)
         if key in self._loaded:
             self._loaded.move_to_end(key)
-            return self._loaded[key]
+            return self._loaded[key][1]
         from ..load import load_bridge
-        where = f"BDM model '{entry.name}'"
+        where = f"the BDM model '{entry.name}' ({entry.where})"
         try:
             if entry.kind == "diffusers":
                 if entry.chinese_clip is None:
@@ -106,13 +105,13 @@ class ModelManager:
             else:
                 bridge = load_bridge(entry.path)
         except (FormatError, FileNotFoundError, ValueError, KeyError, OSError, RuntimeError) as e:
-            raise BdmModelError(f"BDM: cannot load {where}: {e}") from e
+            raise BdmError(entry.hide_paths(f"cannot load {where}: {e}")) from e
         if bridge.is_controlnet:
-            raise BdmModelError(f"BDM: {where} ({entry.path}) is a ControlNet (it has a hint encoder), not a BDM branch")
+            raise BdmError(f"{where} is a ControlNet (it has a hint encoder), not a BDM branch")
         if bridge.text_encoder is None:
-            raise BdmModelError(f"BDM: {where} ({entry.path}) has no Chinese text encoder")
+            raise BdmError(f"{where} has no Chinese text encoder")
         bridge.requires_grad_(False).eval()
-        self._loaded[key] = bridge
+        self._loaded[key] = (entry, bridge)
         while len(self._loaded) > self.size:
             self._loaded.popitem(last=False)
         return bridge

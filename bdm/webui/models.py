@@ -8,7 +8,9 @@ Selectable models:
   BDM folder, the only Chinese CLIP folder found under the models folders, or the default given by the
   settings.
 A model is named by its file name without extension (folder name for diffusers), shown as
-`name [hash]` with the WebUI's short hash (first 10 hex digits of sha256 of the weights file).
+`name [hash]` with the WebUI's short hash (first 10 hex digits of sha256 of the weights file). Where a
+user or API client sees a file, it is named relative to its models folder (`models/bdm/x.safetensors`),
+never by an absolute path.
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 _TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{6,64})\]$")
 
 
+SOURCES = ("BDM1.0: the Hugging Face repositories qihoo360/BDM1.0 (the branch) and "
+           "OFA-Sys/chinese-clip-vit-huge-patch14 (its Chinese text encoder); convert them into one file "
+           "with `python -m bdm.convert`")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
@@ -34,10 +41,22 @@ class ModelEntry:
     kind: str  # "bdm" | "diffusers"
     hash: str | None = None
     chinese_clip: Path | None = None
+    shown: str = ""  # the path as users see it: relative to its models folder, e.g. "models/bdm/x.safetensors"
 
     @property
     def title(self) -> str:
         return f"{self.name} [{self.hash}]" if self.hash else self.name
+
+    @property
+    def where(self) -> str:
+        return self.shown or self.path.name
+
+    def hide_paths(self, message: str) -> str:
+        """`message` with this model's absolute paths replaced by the names users see."""
+        clip = self.chinese_clip
+        if clip is not None and not str(clip).startswith(str(self.path)):
+            message = message.replace(str(clip), clip.name)
+        return message.replace(str(self.path), self.where)
 
     @property
     def weights_file(self) -> Path:
@@ -96,16 +115,20 @@ def _clip_for(folder: Path, found_clips: Sequence[Path], default: Path | None) -
 
 
 def discover_models(dirs: Iterable[str | os.PathLike], hasher: Callable | None = cached_short_hash,
-                    chinese_clip_default: str | os.PathLike | None = None) -> list[ModelEntry]:
+                    chinese_clip_default: str | os.PathLike | None = None,
+                    labels: dict | None = None) -> list[ModelEntry]:
     """All selectable models under `dirs` (missing folders are skipped), sorted by name; duplicate
-    paths (the same folder given twice) are listed once."""
+    paths (the same folder given twice) are listed once. `labels`: how users call a folder (e.g.
+    "models/bdm"; default: its own name), for `ModelEntry.shown`."""
     files: list[Path] = []
     diffusers: list[Path] = []
     clips: list[Path] = []
     seen: set[str] = set()
+    shown: dict[Path, str] = {}
     for root in dirs:
         if not root:
             continue
+        label = (labels or {}).get(root) or (labels or {}).get(str(root)) or Path(root).name
         root = Path(root)
         if not root.is_dir():
             continue
@@ -119,28 +142,34 @@ def discover_models(dirs: Iterable[str | os.PathLike], hasher: Callable | None =
             if (here / "config.json").is_file() and here != root:
                 if is_bdm_diffusers_dir(here):
                     diffusers.append(here)
+                    shown[here] = f"{label}/{here.relative_to(root).as_posix()}"
                 elif is_chinese_clip_dir(here):
                     clips.append(here)
                 subdirs[:] = []  # a model folder: its files are not models of their own
                 continue
             subdirs.sort()
-            files += [here / n for n in sorted(names) if n.endswith(".safetensors") and not n.startswith(".")]
+            for n in sorted(names):
+                if n.endswith(".safetensors") and not n.startswith("."):
+                    files.append(here / n)
+                    shown[here / n] = f"{label}/{(here / n).relative_to(root).as_posix()}"
     default = Path(chinese_clip_default) if chinese_clip_default else None
     entries = []
     for f in files:
-        entries.append(ModelEntry(f.stem, f, "bdm", hasher(f) if hasher else None))
+        entries.append(ModelEntry(f.stem, f, "bdm", hasher(f) if hasher else None, shown=shown[f]))
     for d in diffusers:
         clip = _clip_for(d, clips, default)
         entry = ModelEntry(d.name, d, "diffusers", None, clip)
-        entries.append(ModelEntry(d.name, d, "diffusers", hasher(entry.weights_file) if hasher else None, clip))
+        entries.append(ModelEntry(d.name, d, "diffusers", hasher(entry.weights_file) if hasher else None, clip,
+                                  shown=shown[d]))
     entries.sort(key=lambda e: (e.name.lower(), str(e.path)))
     return entries
 
 
 def find_model(query: str | None, entries: Sequence[ModelEntry]) -> ModelEntry | None:
-    """The entry a user meant: "" / "None" → None; else by title `name [hash]` (hash wins), file name
-    with or without extension, folder name, hash alone, or path; case-insensitive as a last resort.
-    Raises LookupError (listing the choices) when nothing matches."""
+    """The entry a user meant: "" / "None" → None; else by title `name [hash]`, file name with or
+    without extension, folder name, hash alone, or path; case-insensitive as a last resort. A title
+    whose hash belongs to no installed file is refused (the file changed since that title was written),
+    unless the hash alone names one (a renamed file). Raises LookupError saying what is installed."""
     if query is None:
         return None
     q = str(query).strip()
@@ -156,7 +185,13 @@ def find_model(query: str | None, entries: Sequence[ModelEntry]) -> ModelEntry |
         if by_hash:
             named = [e for e in by_hash if e.name == m.group("name")]
             return (named or by_hash)[0]
-        q = m.group("name")
+        name = m.group("name")
+        same_name = [e for e in entries if name in (e.name, e.path.name)]
+        if same_name:
+            e = same_name[0]
+            raise LookupError(f"the BDM model {e.name!r} installed here has hash {e.hash}, not {h} as asked: "
+                              f"{e.where} is a different file (choose it again to use it)")
+        q = name
     for key in (lambda e: e.name, lambda e: e.path.name, lambda e: str(e.path)):
         for e in entries:
             if q == key(e):
@@ -169,5 +204,36 @@ def find_model(query: str | None, entries: Sequence[ModelEntry]) -> ModelEntry |
     for e in entries:
         if ql in (e.name.lower(), e.path.name.lower()):
             return e
-    choices = ", ".join(e.title for e in entries) or "none found"
-    raise LookupError(f"BDM: no BDM model {query!r} (available: {choices})")
+    choices = ", ".join(e.title for e in entries) or "none installed"
+    raise LookupError(f"no BDM model {query!r} (installed: {choices})")
+
+
+def pick_model(query: str | None, entries: Sequence[ModelEntry], default: str | None = None,
+               last_used: str | None = None) -> ModelEntry:
+    """The model a generation uses: the one asked for; without one, the default from the settings;
+    without that, the last used (if still installed), else the first found. Raises LookupError."""
+    entry = find_model(query, entries)
+    if entry is not None:
+        return entry
+    if default and default not in ("None", "none"):
+        try:
+            entry = find_model(default, entries)
+        except LookupError as e:
+            raise LookupError(f"the default BDM model of the settings: {e}") from None
+        if entry is not None:
+            return entry
+    if last_used:
+        try:
+            entry = find_model(last_used, entries)
+        except LookupError:
+            entry = None
+        if entry is not None:
+            return entry
+    if entries:
+        return entries[0]
+    raise LookupError(no_models_message())
+
+
+def no_models_message(folders: Sequence[str] = ("models/bdm",)) -> str:
+    return (f"no BDM model is installed: put a BDM .safetensors file into {' or '.join(folders)} and "
+            f"refresh the model list. {SOURCES}.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .api_args import BdmArgs, _float
+from .api_args import BdmArgs, strength_value
 
 PROMPT_SR, STRENGTH, MODEL = "[BDM] Prompt S/R", "[BDM] Strength", "[BDM] Model"
 LABELS = (PROMPT_SR, STRENGTH, MODEL)
@@ -49,7 +49,7 @@ def apply(args: BdmArgs, values: dict | None) -> BdmArgs:
         out = replace(out, prompt=_replace(out.prompt, search, value),
                       negative_prompt=_replace(out.negative_prompt, search, value))
     if "strength" in values:
-        out = replace(out, strength=_float(values["strength"], "strength"))
+        out = replace(out, strength=strength_value(values["strength"]))
     if "model" in values:
         out = replace(out, model=str(values["model"]).strip())
     return out

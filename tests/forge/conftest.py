@@ -2,14 +2,17 @@
 (`../shared/tools/forge/setup.sh` builds a CPU-only, offline one; its venv is `FORGE_DIR/../venv`).
 
 The session links this project into `FORGE_DIR/extensions/bdm`, exports the toy world into it
-(`python -m bdm.toy export-webui FORGE_DIR`), writes the test-only support extension and checkpoint
-(tests/forge/support.py), runs the extension's `install.py` through Forge's own installer function,
-starts Forge (127.0.0.1, a free port, `--api`, gradio UI on, the toy checkpoint) and stops it at the
-end. Without `FORGE_DIR` every test here is skipped.
+(`python -m bdm.toy export-webui FORGE_DIR`), writes the test-only support extension and checkpoints
+(tests/forge/support.py) and broken BDM files, runs the extension's `install.py` through Forge's own
+installer function, starts Forge (127.0.0.1, a free port, `--api`, gradio UI on, the toy checkpoint)
+and stops it at the end. `bare_forge`: a second Forge with `--api-auth` and no BDM model installed.
+Without `FORGE_DIR` every test here is skipped. The harness code shared with the A1111 suite is in
+tests/host_util.py.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -17,16 +20,15 @@ from pathlib import Path
 
 import pytest
 
-# the A1111 suite's helpers fit Forge's folder layout too (extensions/, ../venv, launch_utils' installer)
-from tests.webui.conftest import WebUI, _free_port, _link_extension, _python, _run_installer, pixels  # noqa: F401
-from tests.webui.conftest import stop_server as stop_forge
+from tests.host_util import WebUI, free_port, host_python, link_extension, run_installer, stop_server
 
-REPO = Path(__file__).resolve().parents[2]
 FORGE = os.environ.get("FORGE_DIR")
 HAVE_FORGE = bool(FORGE) and Path(FORGE, "modules_forge").is_dir()
 SKIP_REASON = "FORGE_DIR is not set to a Stable Diffusion WebUI Forge folder (integration tests need one)"
 LOG = Path(os.environ.get("BDM_FORGE_LOG", "/tmp/bdm-forge-test.log"))
 CHECKPOINT = "bdm-toy-sd1"
+TOY = "bdm-toy"  # the toy BDM model, source of the broken files
+AUTH = ("bdm-tester", "secret-pw")
 
 BASE = {"prompt": "", "negative_prompt": "", "width": 64, "height": 64, "steps": 12, "sampler_name": "Euler a",
         "scheduler": "Automatic", "cfg_scale": 7, "seed": 1, "batch_size": 2, "n_iter": 1}
@@ -41,10 +43,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 class Forge(WebUI):
-    def txt2img(self, **payload):
-        return self.post("/sdapi/v1/txt2img", payload)
-
     def state(self) -> dict:
+        """The test-only support extension's diagnostics (tests/forge/support.py)."""
         return self.get("/bdm-test/state")
 
 
@@ -54,19 +54,20 @@ def prepare(forge: Path) -> str:
     from bdm.toy.export import export_webui
     from tests.forge.support import write_foreign_checkpoints, write_inpainting_checkpoint, write_support_extension
     from tests.webui.foreign import write_vae_approx_sdxl
-    from tests.webui.models import make_wrong_file
-    _link_extension(forge)
+    from tests.webui.models import make_broken_files, make_wrong_file
+    link_extension(forge)
     write_vae_approx_sdxl(forge)  # SDXL previews would download it
     export_webui(forge, quiet=True)
     make_wrong_file(forge)
+    make_broken_files(forge, source=TOY)
     write_support_extension(forge)
     write_inpainting_checkpoint(forge)
-    return write_foreign_checkpoints(forge, _python(forge))
+    return write_foreign_checkpoints(forge, host_python(forge))
 
 
 def forge_command(forge: Path, port: int, checkpoint: str, flags=()) -> list[str]:
     """Forge on the CPU, offline (the harness's run.sh flags: `--always-cpu --all-in-fp32`, no install)."""
-    return [_python(forge), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+    return [host_python(forge), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
             "--skip-version-check", "--skip-python-version-check", "--always-cpu", "--all-in-fp32", "--no-half",
             "--precision", "full", "--api", "--server-name", "127.0.0.1", "--port", str(port),
             "--ckpt", f"models/Stable-diffusion/{checkpoint}.safetensors", *flags]
@@ -77,17 +78,19 @@ def forge_env() -> dict:
                 DIFFUSERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", CUDA_VISIBLE_DEVICES="")
 
 
-def start_forge(forge: Path, log_path: Path = LOG, checkpoint: str = CHECKPOINT, flags=()) -> Forge:
-    port = _free_port()
+def start_forge(forge: Path, log_path: Path = LOG, checkpoint: str = CHECKPOINT, flags=(),
+                auth: tuple[str, str] | None = None) -> Forge:
+    port = free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen(forge_command(forge, port, checkpoint, flags), cwd=forge, env=forge_env(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    server = Forge(f"http://127.0.0.1:{port}", forge, proc)
+    cmd = forge_command(forge, port, checkpoint, flags) + (["--api-auth", ":".join(auth)] if auth else [])
+    proc = subprocess.Popen(cmd, cwd=forge, env=forge_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    server = Forge(f"http://127.0.0.1:{port}", forge, proc, auth)
     server.log, server._log_file = log_path, log
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            stop_forge(server)
+            stop_server(server)
             pytest.fail(f"Forge exited with {proc.returncode}; see {log_path}")
         try:  # the last start-up step adds the built-in ControlNet's routes: then scripts have their args
             if server.call("GET", "/controlnet/model_list", timeout=10)[0] == 200:
@@ -95,7 +98,7 @@ def start_forge(forge: Path, log_path: Path = LOG, checkpoint: str = CHECKPOINT,
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
         time.sleep(2)
-    stop_forge(server)
+    stop_server(server)
     pytest.fail(f"Forge did not answer within 300 s; see {log_path}")
 
 
@@ -105,11 +108,32 @@ def forge():
         pytest.skip(SKIP_REASON)
     root = Path(FORGE).resolve()
     foreign = prepare(root)
-    installer = _run_installer(root)
+    installer = run_installer(root)
     server = start_forge(root)
     server.installer_output, server.foreign = installer, foreign
     try:
         server.baseline = server.txt2img(**BASE)  # before the extension was ever used in this server
         yield server
     finally:
-        stop_forge(server)
+        stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def bare_forge(forge):
+    """A second Forge with `--api-auth` and no BDM model installed: `--models-dir` is a folder whose
+    subfolders link to the main one's, except an empty `bdm`; its own copy of the settings."""
+    models = Path("/tmp/bdm-forge-bare-models")
+    shutil.rmtree(models, ignore_errors=True)
+    models.mkdir(parents=True)
+    for sub in (forge.dir / "models").iterdir():
+        if sub.is_dir() and sub.name != "bdm":
+            (models / sub.name).symlink_to(sub, target_is_directory=True)
+    (models / "bdm").mkdir()
+    settings = Path("/tmp/bdm-forge-bare-config.json")
+    shutil.copyfile(forge.dir / "config.json", settings)
+    server = start_forge(forge.dir, Path("/tmp/bdm-forge-bare.log"),
+                         flags=["--models-dir", str(models), "--ui-settings-file", str(settings)], auth=AUTH)
+    try:
+        yield server
+    finally:
+        stop_server(server)

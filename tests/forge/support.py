@@ -11,6 +11,9 @@ Routes of the support extension:
   BDM run saw (branch calls, row roles of its first calls);
 - `POST /bdm-test/arm {"action": "raise"|"interrupt", "at_call": k}`: the next BDM generation raises
   inside its k-th branch call, or interrupts there (one shot).
+It reads only the BDM extension's public state (`session` of scripts/bdm_script.py: `run_for`,
+`open_runs`, the model manager's `loaded()`, `BdmRun.unet_calls`) and watches the branch with forward
+hooks, like the A1111 suite's probe (tests/webui/support/bdm_test_probe.py).
 """
 from __future__ import annotations
 
@@ -56,12 +59,14 @@ model_list.models[0:0] = [BdmTestSD2, BdmTestSDXL]
 LAST = {}
 ARMED = {}
 STARTED = [0]
+HANDLES = []
+WATCHED = [None]
 
 
-def bdm_script():
+def bdm_session():
     for data in scripts.scripts_data:
         if data.script_class.__name__ == "BdmScript":
-            return data.module
+            return data.module.session
     raise RuntimeError("the BDM script is not loaded")
 
 
@@ -81,6 +86,41 @@ def digest(module):
     return h.hexdigest()
 
 
+def branch_link(run):
+    """BDM's link of the current UNet patcher (Forge's control chain) for `run`."""
+    for c in shared.sd_model.forge_objects.unet.list_controlnets():
+        if getattr(c, "run", None) is run:
+            return c
+    return None
+
+
+def watch(run):
+    """Forward hooks on the run's branch (a public nn.Module): count its calls, note the row roles Forge
+    gave them (`cond_or_uncond` of the branch's link), fire an armed fault."""
+    from bdm.webui.layout import chunked_row_roles
+    for h in HANDLES:
+        h.remove()
+    HANDLES.clear()
+    fault = dict(ARMED)
+    ARMED.clear()
+    LAST.clear()
+    LAST.update({"unet_calls": 0, "roles": [], "fault": fault or None})
+    STARTED[0] += 1  # last: a poll that sees the new count sees the new run
+
+    def after_branch(module, args, output):
+        n = run.unet_calls
+        LAST["unet_calls"] = n
+        if len(LAST["roles"]) < 4:
+            chunks = branch_link(run).transformer_options["cond_or_uncond"]
+            LAST["roles"].append([f"{r.role}{r.image}" for r in chunked_row_roles(chunks, args[0].shape[0])])
+        if fault and n == fault["at_call"]:
+            LAST["fired"] = fault["action"]
+            if fault["action"] == "raise":
+                raise RuntimeError(f"BDM test fault at branch call {n}")
+            shared.state.interrupt()
+    HANDLES.append(run.bridge.register_forward_hook(after_branch))
+
+
 class Support(scripts.Script):
     def title(self):
         return "BDM test support"
@@ -89,48 +129,32 @@ class Support(scripts.Script):
         return scripts.AlwaysVisible
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        entry = bdm_script()._runs.get(id(p))
-        if entry is None or getattr(entry[1], "_test_watched", False):
-            return
-        run = entry[1]
-        run._test_watched = True
-        STARTED[0] += 1
-        fault = dict(ARMED)
-        ARMED.clear()
-        LAST.clear()
-        LAST.update({"unet_calls": 0, "roles": [], "fault": fault or None})
-        run.record_rows = True
-
-        def on_call(n, run=run):
-            LAST["unet_calls"] = n
-            if len(LAST["roles"]) < 4:
-                LAST["roles"].append([f"{r.role}{r.image}" for r in run.rows_seen[-1]])
-            del run.rows_seen[:]
-            if fault and n == fault["at_call"]:
-                LAST["fired"] = fault["action"]
-                if fault["action"] == "raise":
-                    raise RuntimeError(f"BDM test fault at branch call {n}")
-                shared.state.interrupt()
-        run.on_unet_call = on_call
+        run = bdm_session().run_for(p)
+        if run is not None and run.bridge is not None and WATCHED[0] is not run:  # once per run (hires: twice)
+            WATCHED[0] = run
+            watch(run)
 
 
 def routes(demo, app):
     @app.get("/bdm-test/state")
     def state():
-        m = bdm_script()
-        branch = sys.modules["bdm_forge.branch"]
         from backend import memory_management
+        from backend.patcher.base import ModelPatcher
         from bdm.bridge import Bridge
+        session = bdm_session()
+        started = STARTED[0]
         gc.collect()
         objects = gc.get_objects()
-        return {"runs": len(m._runs), "manager": len(m._manager.bridges()),
+        link = sys.modules["bdm_forge.branch"].BranchControl
+        return {"runs": session.open_runs(), "manager": len(session.manager.loaded()),
                 "bridge_objects": sum(isinstance(o, Bridge) for o in objects),
-                "controls": sum(isinstance(o, branch.BranchControl) for o in objects),
-                "patchers": len(branch._patchers),
+                "controls": sum(isinstance(o, link) for o in objects),
+                "patchers": sum(isinstance(o, ModelPatcher) and isinstance(o.model, Bridge) for o in objects),
                 "loaded_models": [type(x.model.model).__name__ for x in memory_management.current_loaded_models],
-                "branches": [{"device": str(next(b.parameters()).device), "dtype": str(next(b.parameters()).dtype),
-                              "digest": digest(b)} for b, _ in branch._patchers.values()],
-                "rss_mb": rss_mb(), "last": LAST, "started": STARTED[0]}
+                "branches": [{"name": e.name, "device": str(next(b.parameters()).device),
+                              "dtype": str(next(b.parameters()).dtype), "digest": digest(b)}
+                             for e, b in session.manager.loaded()],
+                "rss_mb": rss_mb(), "last": dict(LAST), "started": started}
 
     @app.post("/bdm-test/arm")
     def arm(body: dict = Body(...)):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.webui.conftest import chromium_paths
+from tests.host_util import chromium_paths
 
 SHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshot-forge-txt2img.png"
 PROMPT = "红色的圆形"

@@ -1,16 +1,19 @@
 """The extension in a real Forge: installed from the same folder as in AUTOMATIC1111, the same API
-contract (`alwayson_scripts`, `/bdm/models`, infotext, PNG info, errors), the branch in Forge's
-ControlNet chain under its memory management, Forge's row order, and SD1.x only."""
+contract (`alwayson_scripts`, `/bdm/models`, infotext, PNG info), the same controls in the prompt area,
+the branch in Forge's ControlNet chain under its memory management, Forge's row order, and SD1.x only.
+What a failure looks like in Forge: tests/forge/test_forge_failures.py."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
-from tests.forge.conftest import BASE, CHECKPOINT
+from bdm.webui.session import CONTINUE, FAILURE_CHOICES, STOP
+from tests.forge.conftest import BASE, CHECKPOINT, TOY
 from tests.forge.support import INPAINTING
-from tests.webui.compat import ToyJudge, bdm_error, info, mean_diff, rate, same
+from tests.host_util import ToyJudge, bdm_error, info, mean_diff, rate, same
 from tests.webui.models import WRONG_MODEL
 
-TOY = "bdm-toy"
 PROMPT = "红色的圆形"
 OBJ = {"enabled": True, "prompt": PROMPT, "negative_prompt": "模糊", "model": TOY, "strength": 1.0}
 POSITIONAL = [True, TOY, 1.0, PROMPT, "模糊"]
@@ -55,9 +58,9 @@ def test_script_is_registered_for_both_tabs(forge):
     assert "bdm" in scripts["txt2img"] and "bdm" in scripts["img2img"]
     infos = [s for s in forge.get("/sdapi/v1/script-info") if s["name"] == "bdm"]
     assert len(infos) == 2 and all(s["is_alwayson"] for s in infos)
-    assert [a["label"] for a in infos[0]["args"]][1:] == ["BDM 模型 / BDM model", "强度 / Strength",
-                                                           "中文提示词 / Chinese prompt",
-                                                           "中文反向提示词 / Chinese negative prompt"]
+    assert [a["label"] for a in infos[0]["args"]] == ["启用 BDM / Enable BDM", "BDM 模型 / BDM model",
+                                                      "强度 / Strength", "中文提示词 / Chinese prompt",
+                                                      "中文反向提示词 / Chinese negative prompt"]
 
 
 def test_bdm_gives_the_requested_colour(forge, on, judge):
@@ -112,10 +115,10 @@ def test_ui_paste_fills_the_bdm_controls(forge, on):
     text = text.replace("BDM strength: 1.0", "BDM strength: 0.7")
     values = dict(zip(paste["outputs"], forge.post("/run/paste_func", {"data": [text]})["data"]))
     got = {e: values[_elem(components, e)].get("value") for e in (
-        "bdm_txt2img_enabled-checkbox", "bdm_txt2img_model", "bdm_txt2img_strength", "bdm_txt2img_cn_prompt",
+        "bdm_txt2img_enabled", "bdm_txt2img_model", "bdm_txt2img_strength", "bdm_txt2img_cn_prompt",
         "bdm_txt2img_cn_neg_prompt")}
     title = next(m["title"] for m in forge.get("/bdm/models")["models"] if m["name"] == TOY)
-    assert got == {"bdm_txt2img_enabled-checkbox": True, "bdm_txt2img_model": title, "bdm_txt2img_strength": 0.7,
+    assert got == {"bdm_txt2img_enabled": True, "bdm_txt2img_model": title, "bdm_txt2img_strength": 0.7,
                    "bdm_txt2img_cn_prompt": "红色的圆形, 大的", "bdm_txt2img_cn_neg_prompt": "模糊"}, got
     plain = dict(zip(paste["outputs"], forge.post("/run/paste_func", {"data": [info(forge.baseline)["infotexts"][0]]})["data"]))
     assert "value" not in plain[_elem(components, "bdm_txt2img_cn_prompt")]  # no BDM fields: the boxes stay
@@ -123,11 +126,21 @@ def test_ui_paste_fills_the_bdm_controls(forge, on):
 
 def test_ui_boxes_sit_in_the_prompt_rows_with_counters(forge):
     """Both tabs: each Chinese box is built inside the WebUI's prompt row right after the English box
-    (javascript/bdm.js then moves it under that row), and its token counter counts in 52-token chunks."""
+    (javascript/bdm.js then moves it under that row), BDM's switch, model and strength beside the Chinese
+    negative box, and the token counter counts in 50-token chunks, marked over the limit."""
     config, components = _ui(forge)
 
     def children(node):
         return [c["id"] for c in node.get("children", [])]
+
+    def find_node(node, cid):
+        if node.get("id") == cid:
+            return node
+        for c in node.get("children", []):
+            found = find_node(c, cid)
+            if found is not None:
+                return found
+        return None
 
     def find_parent(node, cid):
         if cid in children(node):
@@ -145,14 +158,19 @@ def test_ui_boxes_sit_in_the_prompt_rows_with_counters(forge):
             assert components[row["id"]]["props"].get("elem_id") == f"{tab}_{english}_row"
             before = row["children"][children(row).index(container) - 1]  # gradio wraps a textbox in a form
             assert _elem(components, f"{tab}_{english}") in [before["id"], *children(before)]
+        negative = find_node(config["layout"], _elem(components, f"bdm_{tab}_cn_neg_prompt_container"))
+        for control in ("enabled", "model", "strength"):
+            assert find_node(negative, _elem(components, f"bdm_{tab}_{control}")) is not None, (tab, control)
     button = _elem(components, "bdm_txt2img_cn_prompt_token_button")
     count = next(d for d in config["dependencies"] if d["targets"] == [[button, "click"]])
     import re
-    counts = []
-    for text in ("车水马龙的街道，红色的灯笼", "车水马龙的街道，红色的灯笼" * 6):
-        html = forge.post(f"/run/{count['api_name']}", {"data": [text]})["data"][0]
-        counts.append(tuple(int(n) for n in re.search(r">(\d+)/(\d+)<", html).groups()))
-    assert counts[0] == (13, 50) and counts[1][0] > 50 and counts[1][1] == 100, counts
+    counts, html = [], {}
+    for text in ("车水马龙的街道，红色的灯笼", "车水马龙的街道，红色的灯笼" * 6, "红色的圆形" * 60):
+        html[text] = forge.post(f"/run/{count['api_name']}", {"data": [text]})["data"][0]
+        counts.append(tuple(int(n) for n in re.search(r">(\d+)/(\d+)<", html[text]).groups()))
+    assert counts[:2] == [(13, 50), (78, 100)] and counts[2] == (300, 250), counts
+    over = [text for text, h in html.items() if "bdm-over" in h]
+    assert over == ["红色的圆形" * 60], html
 
 
 def test_json_object_and_positional_args_give_the_same_image(forge, on):
@@ -167,40 +185,19 @@ def test_next_request_without_bdm_is_bit_identical(forge, on):
     assert same(off, forge.baseline) and "BDM" not in info(off)["infotexts"][0]
 
 
-def test_errors_are_shown_and_serving_continues(forge):
-    r = forge.txt2img(**BASE, **bdm([True, WRONG_MODEL, 1.0, PROMPT, ""]))
-    assert "wrong-bdm" in bdm_error(r) and "not a BDM file" in bdm_error(r), bdm_error(r)
-    assert same(r, forge.baseline)  # the generation went on without BDM
-    r = forge.txt2img(**BASE, **bdm([True, "no-such-model", 1.0, PROMPT, ""]))
-    assert "no BDM model 'no-such-model'" in bdm_error(r)
-    r = forge.txt2img(**BASE, **bdm([{"promt": PROMPT}]))
-    assert "unknown argument 'promt'" in bdm_error(r)
-    assert "this is a LoRA, not a BDM file" in forge.log.read_text()  # and in the console
-    assert forge.alive() and same(forge.txt2img(**BASE), forge.baseline)
-
-
 def test_settings_and_the_default_model(forge, on):
     """Settings → BDM exists in Forge's settings UI (Forge's GET options lists only values that were set)."""
     _, components = _ui(forge)
     for key in ("bdm_default_model", "bdm_default_strength", "bdm_encoder_on_cpu", "bdm_cache_size",
-                "bdm_models_in_memory", "bdm_offload", "bdm_chinese_clip_path", "bdm_on_error"):
+                "bdm_models_in_memory", "bdm_offload", "bdm_chinese_clip_path", "bdm_on_failure"):
         assert _elem(components, f"setting_{key}") is not None, key
     forge.post("/sdapi/v1/options", {"bdm_default_model": TOY})
     try:
         assert same(forge.txt2img(**BASE, **bdm([True, "None", 1.0, PROMPT, "模糊"])), on)
     finally:
         forge.post("/sdapi/v1/options", {"bdm_default_model": "None"})
-
-
-def test_stop_mode_stops_the_generation_with_the_message(forge):
-    forge.post("/sdapi/v1/options", {"bdm_on_error": "Stop the generation / 停止生成"})
-    try:
-        status, body = forge.call("POST", "/sdapi/v1/txt2img", dict(BASE, **bdm([True, "no-such-model", 1.0, PROMPT, ""])))
-    finally:
-        forge.post("/sdapi/v1/options", {"bdm_on_error": "Continue without BDM / 不用 BDM 继续"})
-    assert status == 500 and "no BDM model 'no-such-model'" in str(body), (status, str(body)[:500])
-    assert forge.alive() and same(forge.txt2img(**BASE), forge.baseline)
-    assert forge.state()["runs"] == 0
+    # no model asked for, no default set: the model used last
+    assert same(forge.txt2img(**BASE, **bdm([True, "", 1.0, PROMPT, "模糊"])), on)
 
 
 def test_branch_is_in_forges_memory_management(forge, on):
@@ -242,6 +239,8 @@ FOREIGN = [("bdm-test-sd2", "SD2.x"), ("bdm-test-sdxl", "SDXL"), (INPAINTING, "i
 
 @pytest.mark.parametrize("name,family", FOREIGN, ids=["sd2", "sdxl", "inpainting"])
 def test_foreign_checkpoint_is_refused_and_plain_generation_unaffected(forge, on, name, family):
+    """By default the generation stops (HTTP 409, the message names the family); with "continue without
+    BDM" the plain image comes, with the reason in its parameters."""
     if not (forge.dir / "models" / "Stable-diffusion" / f"{name}.safetensors").is_file():
         pytest.skip(f"{name} was not built: {forge.foreign[-500:]}")
     forge.post("/sdapi/v1/options", {"sd_model_checkpoint": name})
@@ -249,12 +248,18 @@ def test_foreign_checkpoint_is_refused_and_plain_generation_unaffected(forge, on
         current = forge.get("/sdapi/v1/options")["sd_model_checkpoint"]
         assert current.split(" [")[0].removesuffix(".safetensors") == name, current
         plain = forge.txt2img(**BASE)
-        refused = forge.txt2img(**BASE, **bdm(POSITIONAL))
-        error = bdm_error(refused)
-        assert family in error and "SD1.x" in error, error
+        status, body = forge.call("POST", "/sdapi/v1/txt2img", dict(BASE, **bdm(POSITIONAL)))
+        assert status == 409, (status, str(body)[:500])
+        error = json.loads(body)
+        assert error["error"] == "BdmError" and family in error["errors"] and "SD1.x" in error["errors"], error
+        forge.post("/sdapi/v1/options", {"bdm_on_failure": FAILURE_CHOICES[CONTINUE]})
+        try:
+            refused = forge.txt2img(**BASE, **bdm(POSITIONAL))
+        finally:
+            forge.post("/sdapi/v1/options", {"bdm_on_failure": FAILURE_CHOICES[STOP]})
+        assert family in bdm_error(refused) and "SD1.x" in bdm_error(refused), bdm_error(refused)
         assert same(refused, plain), "a refused BDM request must give the plain image"
         assert same(forge.txt2img(**BASE), plain)
-        assert "BDM: not applied" in forge.log.read_text()
     finally:
         forge.post("/sdapi/v1/options", {"sd_model_checkpoint": CHECKPOINT})
     assert same(forge.txt2img(**BASE, **bdm(POSITIONAL)), on)

@@ -7,22 +7,19 @@ it at the end. Without `A1111_DIR` every test here is skipped; the core suite ne
 """
 from __future__ import annotations
 
-import base64
-import io
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.host_util import REPO, free_port, host_python, link_extension, run_installer, stop_server
+from tests.host_util import WebUI as HostWebUI
+
 A1111 = os.environ.get("A1111_DIR")
 HAVE_WEBUI = bool(A1111) and Path(A1111, "launch.py").is_file()
 SKIP_REASON = "A1111_DIR is not set to an AUTOMATIC1111 WebUI folder (integration tests need one)"
@@ -42,73 +39,10 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _python(a1111: Path) -> str:
-    venv = a1111.parent / "venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
-class WebUI:
-    def __init__(self, url: str, a1111: Path, proc):
-        self.url, self.dir, self.proc = url, a1111, proc
-
-    def call(self, method: str, path: str, payload=None, timeout: float = 600):
-        data = json.dumps(payload).encode() if payload is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode(errors="replace")
-
-    def post(self, path: str, payload=None):
-        status, body = self.call("POST", path, payload)
-        assert status == 200, f"{path}: HTTP {status}: {str(body)[:2000]}"
-        return body
-
-    def get(self, path: str):
-        status, body = self.call("GET", path)
-        assert status == 200, f"{path}: HTTP {status}: {str(body)[:2000]}"
-        return body
-
+class WebUI(HostWebUI):
     def txt2img(self, **payload):
         self.post("/sdapi/v1/options", DEFAULT_OPTS)
-        return self.post("/sdapi/v1/txt2img", payload)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and self.call("GET", "/sdapi/v1/sd-models", timeout=30)[0] == 200
-
-
-def pixels(response) -> list:
-    import numpy as np
-    from PIL import Image
-    return [np.array(Image.open(io.BytesIO(base64.b64decode(b)))) for b in response["images"]]
-
-
-def _link_extension(a1111: Path) -> None:
-    ext = a1111 / "extensions" / "bdm"
-    if ext.is_symlink() or ext.exists():
-        if ext.resolve() != REPO.resolve():
-            pytest.exit(f"{ext} exists and is not this project ({REPO}); move it away first", 2)
-        return
-    ext.symlink_to(REPO, target_is_directory=True)
-
-
-def _run_installer(a1111: Path) -> str:
-    """The extension's install.py run exactly as the WebUI runs installers at start (its own
-    `launch_utils.run_extension_installer`: the WebUI's python, PYTHONPATH, `launch.run_pip`)."""
-    code = ("import sys; sys.argv = ['launch.py']\n"
-            "from modules import launch_utils\n"
-            "assert not launch_utils.args.skip_install\n"
-            "launch_utils.run_extension_installer('extensions/bdm')\n")
-    r = subprocess.run([_python(a1111), "-c", code], cwd=a1111, capture_output=True, text=True, timeout=600)
-    return r.stdout + r.stderr + f"\nexit code {r.returncode}"
+        return super().txt2img(**payload)
 
 
 def _make_foreign(a1111: Path) -> str:
@@ -122,7 +56,7 @@ def _make_foreign(a1111: Path) -> str:
     outs = [a1111 / "models" / "Stable-diffusion" / f"{n}.safetensors" for n in foreign.NAMES.values()]
     if all(o.is_file() and o.stat().st_mtime >= script.stat().st_mtime for o in outs):
         return "up to date"
-    r = subprocess.run([_python(a1111), str(script), str(a1111)], cwd=a1111, capture_output=True, text=True,
+    r = subprocess.run([host_python(a1111), str(script), str(a1111)], cwd=a1111, capture_output=True, text=True,
                        timeout=600)
     if r.returncode:
         return f"foreign checkpoints failed ({r.returncode}):\n{r.stderr[-3000:]}"
@@ -134,12 +68,13 @@ def prepare_models(a1111: Path) -> dict:
     global _PREPARED
     if _PREPARED is None:
         sys.path.insert(0, str(REPO))
-        from tests.webui.models import (TEST_MODEL_2, make_finetuned_checkpoint, make_test_bdm,
+        from tests.webui.models import (TEST_MODEL_2, make_broken_files, make_finetuned_checkpoint, make_test_bdm,
                                         make_test_embedding, make_wrong_file)
-        _link_extension(a1111)
+        link_extension(a1111)
         make_test_bdm(a1111)
         make_test_bdm(a1111, TEST_MODEL_2, seed=1)
         make_wrong_file(a1111)
+        make_broken_files(a1111)
         make_test_embedding(a1111)
         make_finetuned_checkpoint(a1111)
         _PREPARED = {"foreign": _make_foreign(a1111)}
@@ -163,17 +98,15 @@ def _controlnet_channels(a1111: Path) -> str:
 
 
 def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Path | None = None,
-                 skip_install: bool = False, debug: bool = True) -> "WebUI":
+                 skip_install: bool = False, auth: tuple[str, str] | None = None) -> "WebUI":
     """Start a WebUI on a free port and wait until its API answers. `settings_file`: a private copy of
     config.json (so that a second server never writes the main one)."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PORT=str(port), TINY_CONTROLNET_MODEL_CHANNELS=_controlnet_channels(a1111))
-    if debug:
-        env["BDM_WEBUI_DEBUG"] = "1"  # test-only diagnostics routes (bdm/webui/debug.py)
     # run.sh's flags minus --skip-install (so install paths are live) and minus --nowebui (gradio UI on);
     # --skip-prepare-environment keeps the WebUI from reinstalling its own requirements offline.
-    cmd = [_python(a1111), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
+    cmd = [host_python(a1111), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
            "--skip-version-check", "--use-cpu", "all", "--api",
            "--server-name", "127.0.0.1", "--port", str(port),
            "--ckpt", "models/Stable-diffusion/tiny-sd1.safetensors", *flags]
@@ -183,10 +116,12 @@ def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Pat
         cmd.append("--skip-install")
     if settings_file is not None:
         cmd += ["--ui-settings-file", str(settings_file)]
+    if auth:
+        cmd += ["--api-auth", ":".join(auth)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=a1111, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    server = WebUI(f"http://127.0.0.1:{port}", a1111, proc)
+    server = WebUI(f"http://127.0.0.1:{port}", a1111, proc, auth)
     server.log = log_path
     server._log_file = log
     server.cmd = cmd
@@ -195,6 +130,13 @@ def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Pat
         if proc.poll() is not None:
             stop_server(server)
             pytest.fail(f"the WebUI exited with {proc.returncode}; see {log_path}")
+        # A request that reaches the app before the WebUI has added its API (between gradio's launch and
+        # `create_api`) makes starlette build the middleware stack, and the WebUI's own `add_middleware`
+        # then fails ("Cannot add middleware after an application has started"): ask only once the
+        # WebUI says it has started.
+        if "Startup time:" not in log_path.read_text(errors="replace"):
+            time.sleep(2)
+            continue
         try:
             if server.call("GET", "/sdapi/v1/sd-models", timeout=10)[0] == 200:
                 _wait_for_startup_model(server)
@@ -216,19 +158,13 @@ def _wait_for_startup_model(server: "WebUI") -> None:
     server.call("POST", "/sdapi/v1/txt2img", dict(BASE, steps=1, batch_size=1), timeout=300)
 
 
-def stop_server(server: "WebUI") -> None:
-    from bdm.bench.webui import stop
-    stop(server.proc)
-    server._log_file.close()
-
-
 @pytest.fixture(scope="session")
 def webui():
     if not HAVE_WEBUI:
         pytest.skip(SKIP_REASON)
     a1111 = Path(A1111).resolve()
     prepared = prepare_models(a1111)
-    installer = _run_installer(a1111)
+    installer = run_installer(a1111)
     server = start_server(a1111)
     server.installer_output = installer
     server.prepared = prepared
@@ -241,11 +177,29 @@ def webui():
         stop_server(server)
 
 
+AUTH = ("bdm-tester", "secret-pw")
+
+
+@pytest.fixture(scope="session")
+def bare_webui(webui):
+    """A second WebUI with `--api-auth` and no BDM model installed: `--models-dir` is a folder whose
+    subfolders link to the main one's, except an empty `bdm`."""
+    models = Path("/tmp/bdm-webui-bare-models")
+    shutil.rmtree(models, ignore_errors=True)
+    models.mkdir(parents=True)
+    for sub in (webui.dir / "models").iterdir():
+        if sub.is_dir() and sub.name != "bdm":
+            (models / sub.name).symlink_to(sub, target_is_directory=True)
+    (models / "bdm").mkdir()
+    settings = Path("/tmp/bdm-webui-bare-config.json")
+    shutil.copyfile(webui.dir / "config.json", settings)
+    server = start_server(webui.dir, ["--models-dir", str(models)], log_path=Path("/tmp/bdm-webui-bare.log"),
+                          settings_file=settings, skip_install=True, auth=AUTH)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
 BASE = {"prompt": "", "negative_prompt": "", "width": 64, "height": 64, "steps": 4, "sampler_name": "Euler a",
         "scheduler": "Automatic", "cfg_scale": 7, "seed": 1, "batch_size": 2, "n_iter": 1}
-
-
-def chromium_paths():
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver = shutil.which("chromedriver")
-    return browser, driver

@@ -114,9 +114,14 @@ def write_vae_approx_sdxl(a1111: Path) -> None:
 
 
 def write_support_extension(a1111: Path) -> Path:
+    """`extensions/bdm-test-support`: the tiny OpenCLIP architecture, the toy ControlNet builder, and the
+    probe (tests/webui/support/: diagnostics routes and fault injection over BDM's public state)."""
+    import shutil
     write_vae_approx_sdxl(a1111)
     ext = a1111 / "extensions" / "bdm-test-support"
     (ext / "scripts").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / "support" / "bdm_test_probe.py", ext / "scripts" / "bdm_test_probe.py")
+    shutil.copyfile(HERE / "support" / "metadata.ini", ext / "metadata.ini")
     (ext / f"{OPENCLIP_ARCH}.json").write_text(json.dumps(OPENCLIP_CONFIG), encoding="utf-8")
     (ext / "scripts" / "bdm_test_support.py").write_text(SUPPORT_SCRIPT.format(arch=OPENCLIP_ARCH),
                                                           encoding="utf-8")

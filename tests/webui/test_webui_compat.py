@@ -7,14 +7,16 @@ semantic claims are judged by the toy judge; otherwise the synthetic models make
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 
-from tests.webui.compat import (World, bdm_error, controlnet_unit, generate, info, make_world, max_diff,
-                                mean_diff, png_b64, rate, same)
-from tests.webui.conftest import BASE, pixels
+from bdm.webui.session import CONTINUE, FAILURE_CHOICES, STOP
+from tests.host_util import bdm_error, info, max_diff, mean_diff, pixels, png_b64, rate, same
+from tests.webui.compat import World, controlnet_unit, generate, make_world, payload, probe_state
+from tests.webui.conftest import BASE
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,17 @@ def refs(webui, world):
     first = webui.baseline if not world.toy else webui.txt2img(**BASE)
     plain = generate(webui, world)
     on = generate(webui, world, world.bdm_args())
-    return {"plain": plain, "bdm": on, "first": first, "state0": webui.get("/bdm/debug/state")}
+    return {"plain": plain, "bdm": on, "first": first, "state0": probe_state(webui)}
 
 
 def state(webui) -> dict:
-    return webui.get("/bdm/debug/state")
+    return probe_state(webui)
 
 
 # -- LoRA -------------------------------------------------------------------------------------------------
 def test_lora_applies_to_the_backbone_only(webui, world, refs):
     lora_prompt = world.lora_prompt
-    before = {b["path"]: b["digest"] for b in state(webui)["bridges"]}
+    before = {b["name"]: b["digest"] for b in state(webui)["bridges"]}
     assert before, "the BDM model should be loaded after the reference BDM generation"
     plain_trigger = generate(webui, world, prompt=world.trigger)
     plain_lora = generate(webui, world, prompt=lora_prompt)
@@ -59,7 +61,7 @@ def test_lora_applies_to_the_backbone_only(webui, world, refs):
     assert mean_diff(bdm_lora, bdm_trigger) > 0.5, "the LoRA had no effect with BDM"
     assert mean_diff(bdm_lora, plain_lora) > 0.5, "BDM had no effect together with the LoRA"
     st = state(webui)
-    after = {b["path"]: b["digest"] for b in st["bridges"]}
+    after = {b["name"]: b["digest"] for b in st["bridges"]}
     assert after == before, "a LoRA generation changed the branch's weights"
     assert all(b["network_named_modules"] == 0 for b in st["bridges"]), \
         "the branch carries the Lora extension's network_layer_name: LoRA would patch it"
@@ -98,12 +100,12 @@ def test_controlnet_extension_and_bdm_both_apply(webui, world, refs):
     # the original forward, and BDM attaching in before_process then hooks before ControlNet does
     _switch(webui, world.ft_checkpoint)  # another .yaml: a new model object, then back: a fresh UNet
     _switch(webui, world.checkpoint)
-    webui.post("/bdm/debug/order", {"bdm_first": True})
+    webui.post("/bdm-test/order", {"bdm_first": True})
     try:
         first = generate(webui, world, {**_cn(world, unit), **world.bdm_args()})
         last = state(webui)["last"]
     finally:
-        webui.post("/bdm/debug/order", {"bdm_first": False})
+        webui.post("/bdm-test/order", {"bdm_first": False})
     assert last["attached_over"][0] == "original forward" and last["forward_replaced"] == [True], last
     assert same(first, both, 2), "the result depends on which extension hooked first"
     # ControlNet alone afterwards is unchanged
@@ -179,18 +181,27 @@ FOREIGN = [("bdm-test-sd2", "SD2.x"), ("bdm-test-sd1-inpainting", "inpainting"),
 
 @pytest.mark.parametrize("name,family", FOREIGN, ids=["sd2", "inpainting", "sdxl"])
 def test_foreign_checkpoint_is_refused_and_plain_generation_unaffected(webui, world, refs, name, family):
+    """BDM asked for on a checkpoint it cannot serve: the generation stops with the reason (HTTP 409);
+    with "continue without BDM" the plain image comes with "BDM error"; plain generation is untouched."""
     ckpt = webui.dir / "models" / "Stable-diffusion" / f"{name}.safetensors"
     if not ckpt.is_file():
         pytest.skip(f"{ckpt} was not built: {webui.prepared['foreign'][-500:]}")
     try:
         _switch(webui, name)
         plain = generate(webui, world)
-        on = generate(webui, world, world.bdm_args())
-        error = bdm_error(on)
-        assert family in error and "SD1.x" in error, error
-        assert same(on, plain), "a refused BDM request must give the plain image"
+        status, body = webui.call("POST", "/sdapi/v1/txt2img", payload(world, world.bdm_args()))
+        assert status == 409, (status, str(body)[:500])
+        error = json.loads(body)
+        assert error["error"] == "BdmError" and family in error["errors"] and "SD1.x" in error["errors"], error
         assert same(generate(webui, world), plain)
-        assert "BDM: not applied" in webui.log.read_text()
+        webui.post("/sdapi/v1/options", {"bdm_on_failure": FAILURE_CHOICES[CONTINUE]})
+        try:
+            on = generate(webui, world, world.bdm_args())
+        finally:
+            webui.post("/sdapi/v1/options", {"bdm_on_failure": FAILURE_CHOICES[STOP]})
+        assert family in bdm_error(on) and "SD1.x" in bdm_error(on), bdm_error(on)
+        assert same(on, plain), "a refused BDM request must give the plain image"
+        assert "BDM was not applied: BDM is not applied" in webui.log.read_text()
         assert webui.alive()
     finally:
         _switch(webui, world.checkpoint)
@@ -261,7 +272,7 @@ def test_and_prompts_batch_cond_uncond_off_and_ngms(webui, world, refs):
 # -- interrupt / skip / exception -----------------------------------------------------------------------
 @pytest.mark.parametrize("action", ["interrupt", "skip", "raise"])
 def test_fault_in_the_middle_then_everything_is_clean(webui, world, refs, action):
-    webui.post("/bdm/debug/arm", {"action": action, "at_call": 2})
+    webui.post("/bdm-test/arm", {"action": action, "at_call": 2})
     status, body = webui.call("POST", "/sdapi/v1/txt2img",
                               dict(BASE, steps=10, alwayson_scripts=world.bdm_args()))
     last = state(webui)["last"]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.webui.compat import bdm_error, generate, info, make_world, mean_diff, same
-from tests.webui.conftest import BASE, start_server, stop_server
+from tests.host_util import bdm_error, info, mean_diff, same, stop_server
+from tests.webui.compat import generate, make_world, probe_state
+from tests.webui.conftest import BASE, start_server
 
 CONFIGS = {
     "medvram": ["--medvram"],
@@ -63,7 +64,7 @@ def test_bdm_under_flags(webui, flagged):
     assert "BDM prompt" in info(on)["infotexts"][0], info(on)["infotexts"][0]
     assert same(on, again), "BDM is not deterministic under these flags"
     assert same(after, plain), "a plain generation changed after BDM was used"
-    st = flagged.get("/bdm/debug/state")
+    st = probe_state(flagged)
     assert st["last"]["unet_calls"] > 0 and st["runs"] == 0
     if flagged.name in ("medvram", "lowvram"):
         assert same(plain, ref_plain) and same(on, ref_on), f"{flagged.name} changed the images"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 
 from bdm.text.prompt_schedule import text_index_at
-from tests.webui.conftest import BASE, pixels
+from tests.host_util import pixels
+from tests.webui.conftest import BASE
 from tests.webui.models import TEST_MODEL
 
 A, B, NEG = "红色的圆形", "蓝色的方形", "模糊"

@@ -1,0 +1,181 @@
+"""Shared by the integration suites that run a real host (tests/webui/: AUTOMATIC1111, tests/forge/:
+Forge): the HTTP client of a started server, its folder's python and installer, linking this project in
+as `extensions/bdm`, stopping it, the responses' images and fields, the toy judge, and the browser.
+
+A plain helper module (no fixtures): each suite's conftest builds its own fixtures on it."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def host_python(host_dir: Path) -> str:
+    """The host's venv python (the harnesses keep it at `HOST_DIR/../venv`), else this python."""
+    venv = Path(host_dir).parent / "venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+class WebUI:
+    """A started WebUI (AUTOMATIC1111 or Forge) and its HTTP API."""
+
+    def __init__(self, url: str, host_dir: Path, proc, auth: tuple[str, str] | None = None):
+        self.url, self.dir, self.proc = url, host_dir, proc
+        self.headers = {}
+        if auth:
+            self.headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+
+    def call(self, method: str, path: str, payload=None, timeout: float = 600, headers: dict | None = None):
+        data = json.dumps(payload).encode() if payload is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(self.headers if headers is None else headers)})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+
+    def post(self, path: str, payload=None):
+        status, body = self.call("POST", path, payload)
+        assert status == 200, f"{path}: HTTP {status}: {str(body)[:2000]}"
+        return body
+
+    def get(self, path: str):
+        status, body = self.call("GET", path)
+        assert status == 200, f"{path}: HTTP {status}: {str(body)[:2000]}"
+        return body
+
+    def txt2img(self, **payload):
+        return self.post("/sdapi/v1/txt2img", payload)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.call("GET", "/sdapi/v1/sd-models", timeout=30)[0] == 200
+
+
+def stop_server(server: WebUI) -> None:
+    from bdm.bench.webui import stop
+    stop(server.proc)
+    server._log_file.close()
+
+
+def link_extension(host_dir: Path) -> None:
+    """`HOST_DIR/extensions/bdm` → this project (refuses to touch anything else there)."""
+    ext = Path(host_dir) / "extensions" / "bdm"
+    if ext.is_symlink() or ext.exists():
+        if ext.resolve() != REPO.resolve():
+            pytest.exit(f"{ext} exists and is not this project ({REPO}); move it away first", 2)
+        return
+    ext.symlink_to(REPO, target_is_directory=True)
+
+
+def run_installer(host_dir: Path) -> str:
+    """The extension's install.py run exactly as the host runs installers at start (its own
+    `launch_utils.run_extension_installer`: the host's python, PYTHONPATH, `launch.run_pip`)."""
+    code = ("import sys; sys.argv = ['launch.py']\n"
+            "from modules import launch_utils\n"
+            "assert not launch_utils.args.skip_install\n"
+            "launch_utils.run_extension_installer('extensions/bdm')\n")
+    r = subprocess.run([host_python(host_dir), "-c", code], cwd=host_dir, capture_output=True, text=True,
+                       timeout=600)
+    return r.stdout + r.stderr + f"\nexit code {r.returncode}"
+
+
+def chromium_paths():
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    return browser, driver
+
+
+# -- responses ---------------------------------------------------------------------------------------
+def pixels(response) -> list:
+    from PIL import Image
+    return [np.array(Image.open(io.BytesIO(base64.b64decode(b)))) for b in response["images"]]
+
+
+def same(a, b, n: int | None = None) -> bool:
+    pa, pb = pixels(a)[:n], pixels(b)[:n]
+    return len(pa) == len(pb) and all(np.array_equal(x, y) for x, y in zip(pa, pb))
+
+
+def max_diff(a, b, n: int | None = None) -> int:
+    return max(int(np.abs(x.astype(int) - y.astype(int)).max()) for x, y in zip(pixels(a)[:n], pixels(b)[:n]))
+
+
+def mean_diff(a, b, n: int | None = None) -> float:
+    return min(float(np.abs(x.astype(int) - y.astype(int)).mean()) for x, y in zip(pixels(a)[:n], pixels(b)[:n]))
+
+
+def info(r) -> dict:
+    return json.loads(r["info"])
+
+
+def bdm_error(r) -> str:
+    return info(r)["extra_generation_params"].get("BDM error", "")
+
+
+def rate(values, target) -> float:
+    return sum(v == target for v in values) / max(1, len(values))
+
+
+def png_b64(array: np.ndarray) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def hint(position: int, toy: bool) -> str:
+    """A control image: the toy's bounding-box hint for grid cell `position` (white filled box on
+    black), drawn the same way for the synthetic ControlNet."""
+    if toy:
+        from bdm.toy import domain as D
+        return png_b64(np.asarray(D.hint_for(position).convert("RGB")))
+    a = np.zeros((64, 64, 3), np.uint8)
+    r, c = divmod(position, 3)
+    a[4 + 20 * r:20 + 20 * r, 4 + 20 * c:20 + 20 * c] = 255
+    return png_b64(a)
+
+
+class ToyJudge:
+    """The toy world's judge (bdm/toy/models.py `Judge`, weights bdm/toy/weights/bdm-toy-judge.safetensors)."""
+
+    def __init__(self):
+        import torch
+        from bdm.formats.files import read_state_dict
+        from bdm.toy import paths
+        from bdm.toy.models import Judge
+        self.torch = torch
+        self.model = Judge()
+        self.model.load_state_dict(read_state_dict(paths.judge_file()))
+        self.model.eval()
+
+    def __call__(self, response, n: int | None = None) -> dict:
+        """Predicted attribute names per image (the first `n` images: results, not control maps)."""
+        from bdm.toy import domain as D
+        imgs = pixels(response)[:n]
+        x = self.torch.from_numpy(np.stack(imgs)[..., :3]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        pred = self.model.predict(x)
+        names = {"colour": D.COLOURS, "shape": D.SHAPES, "size": D.SIZES, "background": D.BACKGROUNDS,
+                 "drawing": D.DRAWINGS}
+        out = {k: [names[k][int(i)] for i in pred[k]] for k in names}
+        out["position"] = [int(i) for i in pred["position"]]
+        return out
