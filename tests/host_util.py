@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -99,10 +101,116 @@ def run_installer(host_dir: Path) -> str:
     return r.stdout + r.stderr + f"\nexit code {r.returncode}"
 
 
+# -- the browser ------------------------------------------------------------------------------------
 def chromium_paths():
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver = shutil.which("chromedriver")
     return browser, driver
+
+
+def chromium():
+    """A headless Chromium driven by selenium (a generator for a fixture: yields the driver, quits it
+    after); skips when Chromium, its driver or selenium is missing."""
+    path, driver = chromium_paths()
+    if not path or not driver:
+        pytest.skip("headless Chromium is not installed (Debian packages chromium, chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install selenium)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = path
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tempfile.mkdtemp(prefix='bdm-chromium-')}", "--window-size=1280,1400",
+                 "--lang=zh-CN"):
+        opts.add_argument(flag)
+    d = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+def wait_for(condition, timeout=120.0, every=0.5, what="condition", seen=None):
+    """`condition()` once true; `seen()` says what was there instead when it never is."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}" + (f"; found {seen()!r}" if seen else ""))
+
+
+class Page:
+    """The WebUI in the browser, with the few moves a user makes."""
+
+    def __init__(self, d, url, shots: Path, prefix: str = ""):
+        """`shots`: the folder of `shot(name)`'s screenshots, each named `prefix + name`."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        self.d, self.By, self.Keys = d, By, Keys
+        self.shots, self.prefix = Path(shots), prefix
+        d.get(url)
+        wait_for(lambda: self.css("#bdm_txt2img_cn_prompt_container.bdm-placed"), what="the UI, with the boxes placed")
+        time.sleep(2)  # the load events (the model dropdown's value) and the token counters
+
+    def css(self, selector):
+        return self.d.find_elements(self.By.CSS_SELECTOR, selector)
+
+    def one(self, selector):
+        return self.d.find_element(self.By.CSS_SELECTOR, selector)
+
+    def y(self, elem_id):
+        r = self.d.find_element(self.By.ID, elem_id).rect
+        return r["y"], r["y"] + r["height"]
+
+    def type(self, selector, text, clear=True):
+        box = self.one(selector)
+        if clear:
+            box.click()
+            box.send_keys(self.Keys.CONTROL, "a")
+            box.send_keys(self.Keys.DELETE)
+        box.send_keys(text)
+        return box
+
+    def small_settings(self, tab="txt2img"):
+        for elem, value in ((f"{tab}_width", "64"), (f"{tab}_height", "64"), (f"{tab}_steps", "4")):
+            self.type(f"#{elem} input[type=number]", value).send_keys(self.Keys.TAB)
+
+    def enabled(self, tab="txt2img"):
+        return self.one(f"#bdm_{tab}_enabled input[type=checkbox]")
+
+    def choose_model(self, title):
+        box = self.type("#bdm_txt2img_model input", title)
+        time.sleep(0.5)
+        box.send_keys(self.Keys.ENTER)
+        box.send_keys(self.Keys.TAB)
+
+    def generate(self):
+        """Ctrl+Enter in the Chinese box; returns when the new result (image or error) is shown: the
+        WebUI shows its Interrupt button while it generates, and then the new log under the image."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        log = lambda: self.one("#html_log_txt2img").get_attribute("innerHTML")  # noqa: E731
+        busy = lambda: self.one("#txt2img_interrupt").is_displayed()  # noqa: E731
+        before = log()
+        self.one("#bdm_txt2img_cn_prompt textarea").click()
+        ActionChains(self.d).key_down(self.Keys.CONTROL).send_keys(self.Keys.ENTER).key_up(self.Keys.CONTROL).perform()
+        wait_for(busy, 30, 0.05, what="the generation to start")
+        wait_for(lambda: not busy() and log() != before and "Time taken" in self.one("#html_log_txt2img").text,
+                 timeout=300, what="the generation to end")
+        time.sleep(1)
+
+    def shot(self, name):
+        from PIL import Image
+        self.shots.mkdir(parents=True, exist_ok=True)
+        path = self.shots / (self.prefix + name)
+        self.d.execute_script("window.scrollTo(0, 0)")
+        self.d.save_screenshot(str(path))
+        Image.open(path).convert("RGB").quantize(128).save(path, optimize=True)  # a small PNG for docs/
+        return path
 
 
 # -- responses ---------------------------------------------------------------------------------------

@@ -6,14 +6,13 @@ image and the BDM fields; a failure shows the WebUI's error box, "continue witho
 warning; without any BDM model, the box says where to put one. Screenshots go to docs/screenshots/."""
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from bdm.webui.session import CONTINUE, FAILURE_CHOICES, STOP
-from tests.host_util import chromium_paths
+from tests.host_util import Page, chromium, wait_for
 from tests.webui.conftest import BASE, DEFAULT_OPTS
 from tests.webui.models import TEST_MODEL, WRONG_MODEL
 
@@ -23,106 +22,9 @@ NEGATIVE = "模糊，低质量"
 LONG = "红色的圆形" * 60  # 300 tokens: more than the 250 the encoder takes
 
 
-def wait_for(condition, timeout=120.0, every=0.5, what="condition", seen=None):
-    """`condition()` once true; `seen()` says what was there instead when it never is."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}" + (f"; found {seen()!r}" if seen else ""))
-
-
 @pytest.fixture(scope="module")
 def browser():
-    path, driver = chromium_paths()
-    if not path or not driver:
-        pytest.skip("headless Chromium is not installed (Debian packages chromium, chromium-driver)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install selenium)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = path
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tempfile.mkdtemp(prefix='bdm-chromium-')}", "--window-size=1280,1400",
-                 "--lang=zh-CN"):
-        opts.add_argument(flag)
-    d = webdriver.Chrome(service=Service(driver), options=opts)
-    try:
-        yield d
-    finally:
-        d.quit()
-
-
-class Page:
-    """The WebUI in the browser, with the few moves a user makes."""
-
-    def __init__(self, d, url):
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.common.keys import Keys
-        self.d, self.By, self.Keys = d, By, Keys
-        d.get(url)
-        wait_for(lambda: self.css("#bdm_txt2img_cn_prompt_container.bdm-placed"), what="the UI, with the boxes placed")
-        time.sleep(2)  # the load events (the model dropdown's value) and the token counters
-
-    def css(self, selector):
-        return self.d.find_elements(self.By.CSS_SELECTOR, selector)
-
-    def one(self, selector):
-        return self.d.find_element(self.By.CSS_SELECTOR, selector)
-
-    def y(self, elem_id):
-        r = self.d.find_element(self.By.ID, elem_id).rect
-        return r["y"], r["y"] + r["height"]
-
-    def type(self, selector, text, clear=True):
-        box = self.one(selector)
-        if clear:
-            box.click()
-            box.send_keys(self.Keys.CONTROL, "a")
-            box.send_keys(self.Keys.DELETE)
-        box.send_keys(text)
-        return box
-
-    def small_settings(self, tab="txt2img"):
-        for elem, value in ((f"{tab}_width", "64"), (f"{tab}_height", "64"), (f"{tab}_steps", "4")):
-            self.type(f"#{elem} input[type=number]", value).send_keys(self.Keys.TAB)
-
-    def enabled(self, tab="txt2img"):
-        return self.one(f"#bdm_{tab}_enabled input[type=checkbox]")
-
-    def choose_model(self, title):
-        box = self.type("#bdm_txt2img_model input", title)
-        time.sleep(0.5)
-        box.send_keys(self.Keys.ENTER)
-        box.send_keys(self.Keys.TAB)
-
-    def generate(self):
-        """Ctrl+Enter in the Chinese box; returns when the new result (image or error) is shown: the
-        WebUI shows its Interrupt button while it generates, and then the new log under the image."""
-        from selenium.webdriver.common.action_chains import ActionChains
-        log = lambda: self.one("#html_log_txt2img").get_attribute("innerHTML")  # noqa: E731
-        busy = lambda: self.one("#txt2img_interrupt").is_displayed()  # noqa: E731
-        before = log()
-        self.one("#bdm_txt2img_cn_prompt textarea").click()
-        ActionChains(self.d).key_down(self.Keys.CONTROL).send_keys(self.Keys.ENTER).key_up(self.Keys.CONTROL).perform()
-        wait_for(busy, 30, 0.05, what="the generation to start")
-        wait_for(lambda: not busy() and log() != before and "Time taken" in self.one("#html_log_txt2img").text,
-                 timeout=300, what="the generation to end")
-        time.sleep(1)
-
-    def shot(self, name):
-        from PIL import Image
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        path = SHOTS / name
-        self.d.execute_script("window.scrollTo(0, 0)")
-        self.d.save_screenshot(str(path))
-        Image.open(path).convert("RGB").quantize(128).save(path, optimize=True)  # a small PNG for docs/
-        return path
+    yield from chromium()
 
 
 def _prepare(webui):
@@ -134,7 +36,7 @@ def _prepare(webui):
 
 def test_the_chinese_prompt_in_the_webui(webui, browser):
     title = _prepare(webui)
-    page = Page(browser, webui.url)
+    page = Page(browser, webui.url, SHOTS)
     # where things are: Chinese boxes under the English ones, BDM's controls above the image canvas
     for tab, canvas in (("img2img", "img2img_image"), ("txt2img", "txt2img_gallery")):
         page.d.execute_script(f"switch_to_{tab}()")
@@ -190,7 +92,7 @@ def test_the_chinese_prompt_in_the_webui(webui, browser):
 
 def test_a_failure_shows_the_error_and_continue_shows_a_warning(webui, browser):
     _prepare(webui)
-    page = Page(browser, webui.url)
+    page = Page(browser, webui.url, SHOTS)
     page.small_settings()
     page.type("#bdm_txt2img_cn_prompt textarea", PROMPT)
     wait_for(lambda: page.enabled().is_selected(), 10, what="BDM switched on by typing")
@@ -224,7 +126,7 @@ def test_a_failure_shows_the_error_and_continue_shows_a_warning(webui, browser):
 
 
 def test_no_model_installed_says_where_to_get_one(bare_webui, browser):
-    page = Page(browser, bare_webui.url)
+    page = Page(browser, bare_webui.url, SHOTS)
     hint = page.one("#bdm_txt2img_no_models").text
     for part in ("models/bdm", "qihoo360/BDM1.0", "OFA-Sys/chinese-clip-vit-huge-patch14", "python -m bdm.convert"):
         assert part in hint, hint
