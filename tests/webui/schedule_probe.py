@@ -1,14 +1,15 @@
 """A test-only WebUI script that records which Chinese context the BDM branch received at each sampling
 step, written by the integration tests into `A1111_DIR/extensions/bdm-test-support/scripts/` (never part
-of the BDM extension). It reads nothing of the extension's internals but the branch object it finds
-among the UNet's forward pre-hooks (`bdm.inject.Attachment.bridge`).
+of the BDM extension). It reads only the extension's public state: the branch of the generation's run
+(`session.run_for(p).bridge` of scripts/bdm_script.py), watched with a forward pre-hook.
 
 Routes (127.0.0.1 test servers only):
 - `POST /bdm-test/schedule/reset`, `GET /bdm-test/schedule/calls`: per branch call, the pass (hires or
   not), the denoiser's step (`CFGDenoiser.step`, the step the WebUI picks English prompts at) and a
   sha256 of each row's Chinese context;
 - `POST /bdm-test/schedule/encode {"texts": [...], "chunks": k}`: the same digest of each text encoded
-  alone by the branch's Chinese encoder (k chunks), as the extension encodes each prompt;
+  alone by the Chinese encoder of the last generation's branch (k chunks), as the extension encodes
+  each prompt;
 - `POST /bdm-test/schedule/parse {"prompts": [...], "steps": n, "hires_steps": m}`: the WebUI's own
   `prompt_parser` schedules (the expectations).
 """
@@ -19,11 +20,13 @@ from pathlib import Path
 SCRIPT = '''"""Test-only (written by the BDM integration tests, tests/webui/schedule_probe.py): which Chinese context
 the BDM branch received at each sampling step."""
 import hashlib
+import weakref
 
 import torch
-from modules import prompt_parser, script_callbacks, shared
+from modules import prompt_parser, script_callbacks, scripts
 
-state = {"calls": [], "now": None, "bridges": {}}
+state = {"calls": [], "now": None, "bridge": None}
+hooked = weakref.WeakSet()
 
 
 def digest(t) -> str:
@@ -36,19 +39,22 @@ def on_bridge_call(module, args):
         state["calls"].append({"hires": hires, "step": step, "rows": [digest(r) for r in args[2]]})
 
 
-def find_bridges():
-    unet = getattr(getattr(shared.sd_model, "model", None), "diffusion_model", None)
-    for hook in list(getattr(unet, "_forward_pre_hooks", {}).values()):
-        bridge = getattr(getattr(hook, "__self__", None), "bridge", None)
-        if bridge is not None and id(bridge) not in state["bridges"]:
-            bridge.register_forward_pre_hook(on_bridge_call)
-            state["bridges"][id(bridge)] = bridge
+def bdm_session():
+    for data in scripts.scripts_data:
+        if data.script_class.__name__ == "BdmScript":
+            return data.module.session
+    raise RuntimeError("the BDM extension's script is not loaded")
 
 
 def on_cfg_denoiser(params):
     d = params.denoiser
     state["now"] = (bool(getattr(d.p, "is_hr_pass", False)), int(d.step))
-    find_bridges()
+    bridge = getattr(bdm_session().run_for(d.p), "bridge", None)
+    if bridge is not None:
+        state["bridge"] = bridge  # the branch of this generation
+        if bridge not in hooked:
+            bridge.register_forward_pre_hook(on_bridge_call)
+            hooked.add(bridge)
 
 
 def on_app_started(demo, app):
@@ -66,7 +72,7 @@ def on_app_started(demo, app):
 
     @app.post("/bdm-test/schedule/encode")
     def encode(body: dict = Body(...)):
-        encoder = next(iter(state["bridges"].values())).text_encoder
+        encoder = state["bridge"].text_encoder
         return {t: digest(encoder.encode([t], min_chunks=int(body.get("chunks", 1)))[0]) for t in body["texts"]}
 
     @app.post("/bdm-test/schedule/parse")
