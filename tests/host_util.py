@@ -24,6 +24,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def mark_suite(items, folder: Path, marker, available: bool, skip_reason: str) -> None:
+    """Mark the tests collected from `folder` (a host suite) with `marker`; skip them when the host is
+    not available (its `*_DIR` is not set)."""
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(folder):
+            item.add_marker(marker)
+            if not available:
+                item.add_marker(pytest.mark.skip(reason=skip_reason))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,6 +48,8 @@ def host_python(host_dir: Path) -> str:
 
 class WebUI:
     """A started WebUI (AUTOMATIC1111 or Forge) and its HTTP API."""
+
+    ERROR_KEY = "errors"  # the message's key in the API's error body (A1111's `api.py` handle_exception)
 
     def __init__(self, url: str, host_dir: Path, proc, auth: tuple[str, str] | None = None):
         self.url, self.dir, self.proc = url, host_dir, proc
@@ -69,6 +81,17 @@ class WebUI:
     def txt2img(self, **payload):
         return self.post("/sdapi/v1/txt2img", payload)
 
+    def txt2img_status(self, **payload):
+        """(HTTP status, body) of a txt2img request that may fail."""
+        return self.call("POST", "/sdapi/v1/txt2img", payload)
+
+    def error_message(self, body: dict) -> str:
+        return body[self.ERROR_KEY]
+
+    def state(self) -> dict:
+        """The diagnostics of the suite's test-only support extension."""
+        return self.get("/bdm-test/state")
+
     def alive(self) -> bool:
         return self.proc.poll() is None and self.call("GET", "/sdapi/v1/sd-models", timeout=30)[0] == 200
 
@@ -77,6 +100,22 @@ def stop_server(server: WebUI) -> None:
     from bdm.bench.webui import stop
     stop(server.proc)
     server._log_file.close()
+
+
+def bare_models_dir(host_dir: Path, name: str) -> tuple[Path, Path]:
+    """(models folder, settings file) for a second server with no BDM model installed: `/tmp/<name>-models`
+    whose subfolders link to the host's, except an empty `bdm`, and a copy of the host's config.json (so
+    that the second server never writes the first one's)."""
+    models = Path(f"/tmp/{name}-models")
+    shutil.rmtree(models, ignore_errors=True)
+    models.mkdir(parents=True)
+    for sub in (Path(host_dir) / "models").iterdir():
+        if sub.is_dir() and sub.name != "bdm":
+            (models / sub.name).symlink_to(sub, target_is_directory=True)
+    (models / "bdm").mkdir()
+    settings = Path(f"/tmp/{name}-config.json")
+    shutil.copyfile(Path(host_dir) / "config.json", settings)
+    return models, settings
 
 
 def link_extension(host_dir: Path) -> None:

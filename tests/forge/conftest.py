@@ -12,7 +12,6 @@ tests/host_util.py.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.host_util import WebUI, free_port, host_python, link_extension, run_installer, stop_server
+from tests.host_util import (WebUI, bare_models_dir, free_port, host_python, link_extension, mark_suite, run_installer,
+                             stop_server)
 
 FORGE = os.environ.get("FORGE_DIR")
 HAVE_FORGE = bool(FORGE) and Path(FORGE, "modules_forge").is_dir()
@@ -35,17 +35,11 @@ BASE = {"prompt": "", "negative_prompt": "", "width": 64, "height": 64, "steps":
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
-            item.add_marker(pytest.mark.forge)
-            if not HAVE_FORGE:
-                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+    mark_suite(items, Path(__file__).parent, pytest.mark.forge, HAVE_FORGE, SKIP_REASON)
 
 
 class Forge(WebUI):
-    def state(self) -> dict:
-        """The test-only support extension's diagnostics (tests/forge/support.py)."""
-        return self.get("/bdm-test/state")
+    ERROR_KEY = "message"  # Forge's webui.py answers API errors with {"error", "detail", "body", "message"}
 
 
 def prepare(forge: Path) -> str:
@@ -122,15 +116,7 @@ def forge():
 def bare_forge(forge):
     """A second Forge with `--api-auth` and no BDM model installed: `--models-dir` is a folder whose
     subfolders link to the main one's, except an empty `bdm`; its own copy of the settings."""
-    models = Path("/tmp/bdm-forge-bare-models")
-    shutil.rmtree(models, ignore_errors=True)
-    models.mkdir(parents=True)
-    for sub in (forge.dir / "models").iterdir():
-        if sub.is_dir() and sub.name != "bdm":
-            (models / sub.name).symlink_to(sub, target_is_directory=True)
-    (models / "bdm").mkdir()
-    settings = Path("/tmp/bdm-forge-bare-config.json")
-    shutil.copyfile(forge.dir / "config.json", settings)
+    models, settings = bare_models_dir(forge.dir, "bdm-forge-bare")
     server = start_forge(forge.dir, Path("/tmp/bdm-forge-bare.log"),
                          flags=["--models-dir", str(models), "--ui-settings-file", str(settings)], auth=AUTH)
     try:

@@ -4,14 +4,12 @@ prompts, the X/Y/Z plot, a fine-tuned checkpoint; interrupts and failures leave 
 alternating requests do not leak."""
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 
 from bdm.toy import domain as D
 from tests.forge.conftest import BASE, CHECKPOINT
+from tests.host_checks import interrupt_mid_sampling
 from tests.host_util import ToyJudge, bdm_error, hint, info, mean_diff, pixels, png_b64, rate, same
 
 TOY, LORA, CONTROLNET, OUTLINE = "bdm-toy", "bdm-toy-striped", "bdm-toy-bbox", "bdm-toy-sd1-outline"
@@ -235,23 +233,7 @@ def test_fault_inside_the_branch_then_everything_is_clean(forge, refs, action):
 
 
 def test_interrupt_over_http_mid_sampling(forge, refs):
-    result = {}
-    started = forge.state()["started"]
-
-    def run():
-        result["r"] = forge.call("POST", "/sdapi/v1/txt2img", dict(BASE, steps=400, alwayson_scripts=bdm()))
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        st = forge.state()
-        if st["started"] > started and st["last"].get("unet_calls", 0) >= 3:
-            break
-        time.sleep(0.2)
-    forge.post("/sdapi/v1/interrupt")
-    t.join(300)
-    status, body = result["r"]
+    status, body = interrupt_mid_sampling(forge, dict(BASE, steps=400, alwayson_scripts=bdm()))
     assert status == 200, str(body)[:500]
     assert 3 <= forge.state()["last"]["unet_calls"] < 400
     assert same(forge.txt2img(**BASE), forge.baseline)

@@ -11,16 +11,12 @@ import pytest
 from bdm.webui.session import CONTINUE, FAILURE_CHOICES, STOP
 from tests.forge.conftest import BASE, CHECKPOINT, TOY
 from tests.forge.support import INPAINTING
+from tests.host_checks import PROMPT, bdm, check_infotext_fields, check_png_info_round_trip
 from tests.host_util import ToyJudge, bdm_error, info, mean_diff, rate, same
 from tests.webui.models import WRONG_MODEL
 
-PROMPT = "红色的圆形"
 OBJ = {"enabled": True, "prompt": PROMPT, "negative_prompt": "模糊", "model": TOY, "strength": 1.0}
 POSITIONAL = [True, TOY, 1.0, PROMPT, "模糊"]
-
-
-def bdm(args):
-    return {"alwayson_scripts": {"BDM": {"args": args}}}
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +66,11 @@ def test_bdm_gives_the_requested_colour(forge, on, judge):
 
 
 def test_infotext_has_bdm_fields(forge, on):
-    text = info(on)["infotexts"][0]
-    h = next(m["hash"] for m in forge.get("/bdm/models")["models"] if m["name"] == TOY)
-    for field in (f"BDM model: {TOY}", f"BDM model hash: {h}", f"BDM prompt: {PROMPT}",
-                  "BDM negative prompt: 模糊", "BDM strength: 1.0"):
-        assert field in text, text
+    check_infotext_fields(forge, on, TOY, PROMPT, "模糊")
 
 
 def test_png_info_parses_the_fields_back(forge, on):
-    params = forge.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + on["images"][0]})["parameters"]
-    assert params["BDM model"] == TOY and params["BDM prompt"] == PROMPT
-    assert params["BDM negative prompt"] == "模糊" and float(params["BDM strength"]) == 1.0
-    tricky = '"引号", (红色:1.2)\n第二行'
-    r = forge.txt2img(**dict(BASE, batch_size=1), **bdm([True, TOY, 0.5, tricky, ""]))
-    params = forge.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + r["images"][0]})["parameters"]
-    assert params["BDM prompt"] == tricky and "BDM negative prompt" not in params
+    check_png_info_round_trip(forge, on, BASE, TOY, PROMPT, "模糊")
 
 
 def test_api_infotext_restores_the_script_args(forge, on):

@@ -8,7 +8,6 @@ it at the end. Without `A1111_DIR` every test here is skipped; the core suite ne
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.host_util import REPO, free_port, host_python, link_extension, run_installer, stop_server
+from tests.host_util import (REPO, bare_models_dir, free_port, host_python, link_extension, mark_suite, run_installer,
+                             stop_server)
 from tests.host_util import WebUI as HostWebUI
 
 A1111 = os.environ.get("A1111_DIR")
@@ -32,17 +32,17 @@ DEFAULT_OPTS = {"batch_cond_uncond": True, "pad_cond_uncond": False, "pad_cond_u
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
-            item.add_marker(pytest.mark.webui)
-            if not HAVE_WEBUI:
-                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+    mark_suite(items, Path(__file__).parent, pytest.mark.webui, HAVE_WEBUI, SKIP_REASON)
 
 
 class WebUI(HostWebUI):
     def txt2img(self, **payload):
         self.post("/sdapi/v1/options", DEFAULT_OPTS)
         return super().txt2img(**payload)
+
+    def txt2img_status(self, **payload):
+        self.post("/sdapi/v1/options", DEFAULT_OPTS)
+        return super().txt2img_status(**payload)
 
 
 def _make_foreign(a1111: Path) -> str:
@@ -184,15 +184,7 @@ AUTH = ("bdm-tester", "secret-pw")
 def bare_webui(webui):
     """A second WebUI with `--api-auth` and no BDM model installed: `--models-dir` is a folder whose
     subfolders link to the main one's, except an empty `bdm`."""
-    models = Path("/tmp/bdm-webui-bare-models")
-    shutil.rmtree(models, ignore_errors=True)
-    models.mkdir(parents=True)
-    for sub in (webui.dir / "models").iterdir():
-        if sub.is_dir() and sub.name != "bdm":
-            (models / sub.name).symlink_to(sub, target_is_directory=True)
-    (models / "bdm").mkdir()
-    settings = Path("/tmp/bdm-webui-bare-config.json")
-    shutil.copyfile(webui.dir / "config.json", settings)
+    models, settings = bare_models_dir(webui.dir, "bdm-webui-bare")
     server = start_server(webui.dir, ["--models-dir", str(models)], log_path=Path("/tmp/bdm-webui-bare.log"),
                           settings_file=settings, skip_install=True, auth=AUTH)
     try:

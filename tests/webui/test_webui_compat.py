@@ -8,12 +8,11 @@ semantic claims are judged by the toy judge; otherwise the synthetic models make
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
 from bdm.webui.session import CONTINUE, FAILURE_CHOICES, STOP
+from tests.host_checks import interrupt_mid_sampling
 from tests.host_util import bdm_error, info, max_diff, mean_diff, pixels, png_b64, rate, same
 from tests.webui.compat import World, controlnet_unit, generate, make_world, payload, probe_state
 from tests.webui.conftest import BASE
@@ -290,25 +289,7 @@ def test_fault_in_the_middle_then_everything_is_clean(webui, world, refs, action
 
 
 def test_interrupt_over_http_mid_sampling(webui, world, refs):
-    result = {}
-
-    def run():
-        result["r"] = webui.call("POST", "/sdapi/v1/txt2img",
-                                 dict(BASE, steps=400, alwayson_scripts=world.bdm_args()))
-
-    webui.post("/sdapi/v1/options", {"batch_cond_uncond": True})
-    started = state(webui)["started"]
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        st = state(webui)
-        if st["started"] > started and st["last"].get("unet_calls", 0) >= 3:
-            break
-        time.sleep(0.2)
-    webui.post("/sdapi/v1/interrupt")
-    t.join(300)
-    status, body = result["r"]
+    status, body = interrupt_mid_sampling(webui, dict(BASE, steps=400, alwayson_scripts=world.bdm_args()))
     assert status == 200, str(body)[:500]
     calls = state(webui)["last"]["unet_calls"]
     assert 3 <= calls < 400, calls

@@ -6,25 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from tests.host_util import pixels
+from tests.host_checks import bdm, check_infotext_fields, check_png_info_round_trip
+from tests.host_util import info, pixels, same
 from tests.webui.conftest import BASE
 from tests.webui.models import TEST_MODEL, WRONG_MODEL
 
 PROMPT = "红色的圆形，蓝色的背景"
 OBJ = {"enabled": True, "prompt": PROMPT, "negative_prompt": "模糊", "model": TEST_MODEL, "strength": 1.0}
 POSITIONAL = [True, TEST_MODEL, 1.0, PROMPT, "模糊"]
-
-
-def bdm(args):
-    return {"alwayson_scripts": {"BDM": {"args": args}}}
-
-
-def same(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
-
-
-def info(r) -> dict:
-    return json.loads(r["info"])
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +56,11 @@ def test_bdm_on_differs_from_off(webui, on):
 
 
 def test_infotext_has_bdm_fields(webui, on):
-    text = info(on)["infotexts"][0]
-    h = next(m["hash"] for m in webui.get("/bdm/models")["models"] if m["name"] == TEST_MODEL)
-    for field in (f"BDM model: {TEST_MODEL}", f"BDM model hash: {h}", f"BDM prompt: {PROMPT}",
-                  "BDM negative prompt: 模糊", "BDM strength: 1.0"):
-        assert field in text, text
+    check_infotext_fields(webui, on, TEST_MODEL, PROMPT, "模糊")
 
 
 def test_png_info_parses_the_fields_back(webui, on):
-    params = webui.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + on["images"][0]})["parameters"]
-    assert params["BDM model"] == TEST_MODEL and params["BDM prompt"] == PROMPT
-    assert params["BDM negative prompt"] == "模糊" and float(params["BDM strength"]) == 1.0
-    # a prompt the quoting must protect
-    tricky = '"引号", (红色:1.2)\n第二行'
-    r = webui.txt2img(**dict(BASE, batch_size=1), **bdm([True, TEST_MODEL, 0.5, tricky, ""]))
-    params = webui.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + r["images"][0]})["parameters"]
-    assert params["BDM prompt"] == tricky and "BDM negative prompt" not in params
+    check_png_info_round_trip(webui, on, BASE, TEST_MODEL, PROMPT, "模糊")
 
 
 def test_api_infotext_restores_the_script_args(webui, on):
