@@ -24,3 +24,16 @@ def test_bench_train_memory_lower_than_the_peer_and_lower_still_with_recompute(c
     _, mem_default = _ratios(capsys)
     _, mem_recompute = _ratios(capsys, "--checkpoint-backbone", "3")
     assert mem_recompute < 0.9 * mem_default and mem_default < 0.97, (mem_default, mem_recompute)
+
+
+def test_bench_webui_requests_are_what_the_extension_accepts():
+    """The WebUI bench's BDM request passes the extension's strict argument check (the WebUI's `args` list)."""
+    from types import SimpleNamespace
+
+    from bdm.bench.webui import payload
+    from bdm.webui.api_args import parse_script_args
+    args = SimpleNamespace(size=64, batch=1, bdm_model="bench-bdm", controlnet_module="none", controlnet_model="cn")
+    for mode in ("bdm", "both"):
+        a = parse_script_args(payload(mode, 2, args)["alwayson_scripts"]["BDM"]["args"])
+        assert a.enabled and a.model == "bench-bdm" and a.prompt == "红色的圆形"
+    assert "BDM" not in payload("plain", 2, args)["alwayson_scripts"]

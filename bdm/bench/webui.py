@@ -72,7 +72,7 @@ def payload(mode: str, steps: int, args) -> dict:
          "sampler_name": "Euler", "scheduler": "Automatic", "cfg_scale": 7, "seed": 1,
          "batch_size": args.batch, "n_iter": 1, "alwayson_scripts": {}}
     if mode in ("bdm", "both"):
-        p["alwayson_scripts"]["BDM"] = {"args": {"enabled": True, "prompt": "红色的圆形", "model": args.bdm_model}}
+        p["alwayson_scripts"]["BDM"] = {"args": [{"enabled": True, "prompt": "红色的圆形", "model": args.bdm_model}]}
     if mode in ("controlnet", "both"):
         p["alwayson_scripts"]["controlnet"] = {"args": [{
             "enabled": True, "module": args.controlnet_module, "model": args.controlnet_model, "weight": 1.0,
