@@ -173,10 +173,16 @@ def chromium():
 
 
 def wait_for(condition, timeout=120.0, every=0.5, what="condition", seen=None):
-    """`condition()` once true; `seen()` says what was there instead when it never is."""
+    """`condition()` once true; `seen()` says what was there instead when it never is. An element the page
+    replaced while it was read (the token counter's span is replaced at each count) counts as not yet."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except Exception as e:  # noqa: BLE001 - selenium is imported only where a browser test runs
+            if type(e).__name__ != "StaleElementReferenceException":
+                raise
+            value = None
         if value:
             return value
         time.sleep(every)
