@@ -142,7 +142,7 @@ def test_toy_model_gives_the_requested_colour(webui):
     ckpt = "bdm-toy-sd1"
     webui.post("/sdapi/v1/options", {"sd_model_checkpoint": ckpt})
     try:
-        r = webui.txt2img(**dict(BASE, steps=20, batch_size=4, **bdm({"model": "bdm-toy", "prompt": "红色的圆形"})))
+        r = webui.txt2img(**dict(BASE, steps=20, batch_size=4, **bdm([{"model": "bdm-toy", "prompt": "红色的圆形"}])))
     finally:
         webui.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny-sd1"})
     verdict = ToyJudge()(r, 4)
