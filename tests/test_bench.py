@@ -24,3 +24,13 @@ def test_bench_train_memory_lower_than_the_peer_and_lower_still_with_recompute(c
     _, mem_default = _ratios(capsys)
     _, mem_recompute = _ratios(capsys, "--checkpoint-backbone", "3")
     assert mem_recompute < 0.9 * mem_default and mem_default < 0.97, (mem_default, mem_recompute)
+
+
+def test_bench_step_agrees_with_the_official_way_and_reports_wall_and_cpu_ratios(capsys):
+    from bdm.bench.step import main as step
+    assert step(["--config", "small", "--width", "32", "--height", "32", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    diffs = [float(d) for d in re.findall(r"max \|ε_\w+ − ε_official\| = (\S+)", out)]
+    assert len(diffs) == 3 and max(diffs) < 1e-4, out  # ours, shared and hooks compute what diffusers computes
+    for kind in ("RATIOS", "CPU RATIOS"):
+        assert re.search(rf"^{kind} ours/backbone=[\d.]+ shared/backbone=[\d.]+", out, re.M), out
