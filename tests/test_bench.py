@@ -37,3 +37,13 @@ def test_bench_webui_requests_are_what_the_extension_accepts():
         a = parse_script_args(payload(mode, 2, args)["alwayson_scripts"]["BDM"]["args"])
         assert a.enabled and a.model == "bench-bdm" and a.prompt == "红色的圆形"
     assert "BDM" not in payload("plain", 2, args)["alwayson_scripts"]
+
+
+def test_bench_step_agrees_with_the_official_way_and_reports_wall_and_cpu_ratios(capsys):
+    from bdm.bench.step import main as step
+    assert step(["--config", "small", "--width", "32", "--height", "32", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    diffs = [float(d) for d in re.findall(r"max \|ε_\w+ − ε_official\| = (\S+)", out)]
+    assert len(diffs) == 3 and max(diffs) < 1e-4, out  # ours, shared and hooks compute what diffusers computes
+    for kind in ("RATIOS", "CPU RATIOS"):
+        assert re.search(rf"^{kind} ours/backbone=[\d.]+ shared/backbone=[\d.]+", out, re.M), out

@@ -8,9 +8,12 @@ Variants, interleaved per repeat, medians reported, same weights everywhere:
 - official: diffusers' `UNet2DConditionModel` + `ControlNetModel` residuals, the hint encoder skipped as
   the official `ControlNetModelBDM` does.
 Peak memory per variant: CUDA's allocator statistics on a GPU; on a CPU the process's peak resident
-memory (VmHWM, reset through /proc/self/clear_refs before each measurement). With `--processes N` the
-whole measurement runs in N fresh processes one after another, each printing its own lines, and the
-last line gives the median of their ratios (steadier on a machine shared with other work).
+memory (VmHWM, reset through /proc/self/clear_refs before each measurement). On a CPU each variant's
+process CPU seconds are measured too (`CPU RATIOS`): other programs on the machine stretch wall time but
+hardly the CPU time a step needs, so on a shared machine those ratios are the steadier ones (with
+`--threads 1` no thread ever waits for another). With `--processes N` the whole measurement runs in N fresh
+processes one after another, each printing its own lines, and the last lines give the median of their
+ratios.
 """
 from __future__ import annotations
 
@@ -123,12 +126,15 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--processes", type=int, default=1,
                         help="run the measurement in N fresh processes and report the median of their ratios")
     args = parser.parse_args(argv)
     if args.processes > 1:
         return across_processes(argv if argv is not None else sys.argv[1:], args.processes)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg, cn_dim, (unet, bridge, peer_unet, peer_cn) = build(args.config, device, dtype)
     rows = 2 * args.batch
@@ -160,6 +166,7 @@ def main(argv=None) -> int:
 
     variants = {"backbone": backbone, "ours": ours, "shared": shared, "hooks": hooks, "official": official}
     times = {name: [] for name in variants}
+    cpu_times = {name: [] for name in variants}
     peaks = {}
     with torch.no_grad():
         outputs = {name: fn() for name, fn in variants.items()}  # warm-up, and a correctness check
@@ -171,40 +178,53 @@ def main(argv=None) -> int:
             for name, fn in variants.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
     scale = outputs["official"].float().abs().max().item()
     print(f"config {args.config}, {args.width}x{args.height}, {args.batch} image(s) = {rows} UNet rows, "
-          f"{args.device} {args.dtype}, {args.repeats} interleaved repeats")
+          f"{args.device} {args.dtype}, {args.repeats} interleaved repeats, {torch.get_num_threads()} CPU thread(s)")
     for name in ("ours", "shared", "hooks"):
         diff = (outputs[name].float() - outputs["official"].float()).abs().max().item()
         print(f"  max |ε_{name} − ε_official| = {diff:.2e} (|ε| ≤ {scale:.2e})")
     med = {name: statistics.median(v) for name, v in times.items()}
+    cpu = {name: statistics.median(v) for name, v in cpu_times.items()}
     for name in variants:
-        print(f"{name:>9}: {med[name] * 1000:9.1f} ms/step (median)   peak {peaks[name]:8.1f} MiB")
+        line = f"{name:>9}: {med[name] * 1000:9.1f} ms/step (median)   peak {peaks[name]:8.1f} MiB"
+        print(line + (f"   CPU {cpu[name] * 1000:9.1f} ms/step" if device.type == "cpu" else ""))
+    print("RATIOS " + format_ratios(med))
+    if device.type == "cpu":
+        print("CPU RATIOS " + format_ratios(cpu))
+    return 0
+
+
+def format_ratios(med: dict[str, float]) -> str:
     ratios = {"ours/backbone": med["ours"] / med["backbone"], "shared/backbone": med["shared"] / med["backbone"],
               "hooks/ours": med["hooks"] / med["ours"], "ours/official": med["ours"] / med["official"],
               "shared/official": med["shared"] / med["official"]}
-    print("RATIOS " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
-    return 0
+    return " ".join(f"{k}={v:.2f}" for k, v in ratios.items())
 
 
 def across_processes(argv: list[str], processes: int) -> int:
     """The bench in `processes` fresh processes, one after another; their output, then the median ratios."""
     argv = [a for i, a in enumerate(argv) if a != "--processes" and (i == 0 or argv[i - 1] != "--processes")]
     argv = [a for a in argv if not a.startswith("--processes=") and a != "step"]
-    runs = []
+    runs: dict[str, list[dict[str, float]]] = {"RATIOS": [], "CPU RATIOS": []}
     for i in range(processes):
         out = subprocess.run([sys.executable, "-m", "bdm.bench", "step", *argv], capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stdout + out.stderr, file=sys.stderr)
             return out.returncode
         print(f"-- process {i + 1} of {processes}\n{out.stdout.rstrip()}", flush=True)
-        line = next(line for line in out.stdout.splitlines() if line.startswith("RATIOS "))
-        runs.append({k: float(v) for k, v in re.findall(r"(\S+)=([\d.]+)", line)})
-    print(f"MEDIAN of {processes} processes: RATIOS "
-          + " ".join(f"{k}={statistics.median(r[k] for r in runs):.2f}" for k in runs[0]))
+        for line in out.stdout.splitlines():
+            for kind in runs:
+                if line.startswith(kind + " "):
+                    runs[kind].append({k: float(v) for k, v in re.findall(r"(\S+)=([\d.]+)", line)})
+    for kind, found in runs.items():
+        if found:
+            print(f"MEDIAN of {processes} processes: {kind} "
+                  + " ".join(f"{k}={statistics.median(r[k] for r in found):.2f}" for k in found[0]))
     return 0
