@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,12 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def screenshot_dir() -> Path:
+    """Where the browser tests save their screenshots: $BDM_SCREENSHOTS (`docs/screenshots` refreshes the
+    docs' pictures), else a temporary folder, so that a test run leaves the checkout clean."""
+    return Path(os.environ.get("BDM_SCREENSHOTS") or Path(tempfile.gettempdir()) / "bdm-screenshots")
 
 
 def mark_suite(items, folder: Path, marker, available: bool, skip_reason: str) -> None:

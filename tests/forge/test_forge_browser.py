@@ -4,11 +4,9 @@ and chromium-driver; `pip install selenium`) — the same as in AUTOMATIC1111
 beside them, above the image canvas, in txt2img and img2img; the model chosen from the start; typing
 Chinese switches BDM on; the token counter turns red and a cut prompt is reported under the image;
 Ctrl+Enter in a Chinese box generates with BDM; a failure shows Forge's error box, "continue without BDM"
-a highlighted warning under the image; without any BDM model, the box says where to put one. Screenshots go to
-docs/screenshots/forge-*.png. The checks are shared with the A1111 suite (tests/host_checks.py)."""
+a highlighted warning under the image; without any BDM model, the box says where to put one. Screenshots (forge-*.png) go to
+$BDM_SCREENSHOTS (docs/screenshots/ to refresh the docs' pictures). The checks are shared with the A1111 suite (tests/host_checks.py)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +14,10 @@ from bdm.webui.session import FAILURE_CHOICES, STOP
 from tests.forge.conftest import BASE, TOY
 from tests.host_checks import (check_failure_and_continue_in_the_page, check_no_models_hint, check_prompt_area,
                                check_typing_counter_and_generation)
-from tests.host_util import Page, chromium
+from tests.host_util import Page, chromium, screenshot_dir
 from tests.webui.models import WRONG_MODEL
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+SHOTS = screenshot_dir()
 PREFIX = "forge-"
 PROMPT = "[红色的圆形:蓝色的三角形:0.5]"  # with prompt editing
 NEGATIVE = "模糊"

@@ -3,22 +3,21 @@ chromium-driver; `pip install selenium`): the Chinese boxes and BDM's controls i
 txt2img and img2img, above the image canvas; the model chosen from the start; typing Chinese switches
 BDM on; the token counter turns red and a cut prompt is reported under the image; generating shows the
 image and the BDM fields; a failure shows the WebUI's error box, "continue without BDM" a visible
-warning; without any BDM model, the box says where to put one. Screenshots go to docs/screenshots/. The
+warning; without any BDM model, the box says where to put one. Screenshots go to
+$BDM_SCREENSHOTS (docs/screenshots/ to refresh the docs' pictures). The
 checks are shared with the Forge suite (tests/host_checks.py)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from bdm.webui.session import FAILURE_CHOICES, STOP
 from tests.host_checks import (check_failure_and_continue_in_the_page, check_no_models_hint, check_prompt_area,
                                check_typing_counter_and_generation)
-from tests.host_util import Page, chromium
+from tests.host_util import Page, chromium, screenshot_dir
 from tests.webui.conftest import BASE, DEFAULT_OPTS
 from tests.webui.models import TEST_MODEL, WRONG_MODEL
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+SHOTS = screenshot_dir()
 PROMPT = "车水马龙的街道，[红色:蓝色:0.5]的灯笼"  # with prompt editing: red lanterns, blue from halfway
 NEGATIVE = "模糊，低质量"
 
