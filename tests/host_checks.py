@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import partial
+
+import pytest
 
 from bdm.webui.session import CONTINUE, FAILURE_CHOICES, STOP
 from tests.host_util import Page, info, same, wait_for
@@ -113,6 +116,18 @@ def check_args_dict_refused(server, base: dict) -> None:
     """The host copies `args` position by position; a dict there is an error, never ignored."""
     code, body = server.txt2img_status(**base, alwayson_scripts={"BDM": {"args": {"enabled": True, "prompt": PROMPT}}})
     assert code != 200, str(body)[:300]
+
+
+def failure_checks(model: str) -> list:
+    """Every failure check a host suite runs, as pytest params of `check(server, base request)`: each
+    request BDM cannot serve (`failure_cases(model)`: the generation stops with the error), the failures
+    that only warn (a LoRA file as the BDM model), `args` sent as a dict."""
+    from tests.webui.models import WRONG_MODEL
+    checks = [pytest.param(partial(check_failure_stops_the_generation, args=args, status=status, parts=parts), id=case)
+              for case, args, status, parts in failure_cases(model)]
+    checks += [pytest.param(partial(check, wrong_model=WRONG_MODEL), id=check.__name__.removeprefix("check_"))
+               for check in (check_continue_without_bdm_warns, check_empty_chinese_boxes_only_warn)]
+    return checks + [pytest.param(check_args_dict_refused, id="args as a dict")]
 
 
 def check_no_model_installed(bare, base: dict) -> None:

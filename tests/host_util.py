@@ -147,6 +147,43 @@ def run_installer(host_dir: Path) -> str:
     return r.stdout + r.stderr + f"\nexit code {r.returncode}"
 
 
+
+def wait_until_ready(server, name: str, ready, timeout: float = 300):
+    """Poll `ready(server)` (true once the host serves what the tests need) every 2 s and return the
+    server; fail with the log's path when the host exits or does not get there within `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.proc.poll() is not None:
+            stop_server(server)
+            pytest.fail(f"{name} exited with {server.proc.returncode}; see {server.log}")
+        try:
+            if ready(server):
+                return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(2)
+    stop_server(server)
+    pytest.fail(f"{name} did not answer within {timeout:.0f} s; see {server.log}")
+
+def host_session(folder: str | None, skip_reason: str, prepare, start, base: dict):
+    """The session fixture of a host suite (a generator: yields the started server): skips without the
+    host's folder; else `prepare(root)` (models, test extensions; kept as `server.prepared`), the
+    extension's installer (`server.installer_output`), `start(root)`, the first image made before the
+    extension was ever used in this server (`server.baseline`, from `base`), and the server stopped at
+    the end whatever happened."""
+    if not folder:
+        pytest.skip(skip_reason)
+    root = Path(folder).resolve()
+    prepared = prepare(root)
+    installer = run_installer(root)
+    server = start(root)
+    server.prepared, server.installer_output = prepared, installer
+    try:
+        server.baseline = server.txt2img(**base)
+        yield server
+    finally:
+        stop_server(server)
+
 # -- the browser ------------------------------------------------------------------------------------
 def chromium_paths():
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

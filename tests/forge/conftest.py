@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-import urllib.error
 from pathlib import Path
 
 import pytest
 
-from tests.host_util import (WebUI, bare_models_dir, free_port, host_python, link_extension, mark_suite, run_installer,
-                             stop_server)
+from tests.host_util import (WebUI, bare_models_dir, free_port, host_python, host_session, link_extension, mark_suite,
+                             stop_server, wait_until_ready)
 
 FORGE = os.environ.get("FORGE_DIR")
 HAVE_FORGE = bool(FORGE) and Path(FORGE, "modules_forge").is_dir()
@@ -81,35 +79,13 @@ def start_forge(forge: Path, log_path: Path = LOG, checkpoint: str = CHECKPOINT,
                             start_new_session=True)
     server = Forge(f"http://127.0.0.1:{port}", forge, proc, auth)
     server.log, server._log_file = log_path, log
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            stop_server(server)
-            pytest.fail(f"Forge exited with {proc.returncode}; see {log_path}")
-        try:  # the last start-up step adds the built-in ControlNet's routes: then scripts have their args
-            if server.call("GET", "/controlnet/model_list", timeout=10)[0] == 200:
-                return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(2)
-    stop_server(server)
-    pytest.fail(f"Forge did not answer within 300 s; see {log_path}")
+    # ready once the last start-up step has added the built-in ControlNet's routes: then scripts have their args
+    return wait_until_ready(server, "Forge", lambda s: s.call("GET", "/controlnet/model_list", timeout=10)[0] == 200)
 
 
 @pytest.fixture(scope="session")
 def forge():
-    if not HAVE_FORGE:
-        pytest.skip(SKIP_REASON)
-    root = Path(FORGE).resolve()
-    foreign = prepare(root)
-    installer = run_installer(root)
-    server = start_forge(root)
-    server.installer_output, server.foreign = installer, foreign
-    try:
-        server.baseline = server.txt2img(**BASE)  # before the extension was ever used in this server
-        yield server
-    finally:
-        stop_server(server)
+    yield from host_session(FORGE if HAVE_FORGE else None, SKIP_REASON, prepare, start_forge, BASE)
 
 
 @pytest.fixture(scope="session")

@@ -119,34 +119,26 @@ def test_ui_boxes_sit_in_the_prompt_rows_with_counters(forge):
     def children(node):
         return [c["id"] for c in node.get("children", [])]
 
-    def find_node(node, cid):
+    def path_to(node, cid):
+        """The nodes from `node` down to the one whose id is `cid` ([] when it is not below)."""
         if node.get("id") == cid:
-            return node
+            return [node]
         for c in node.get("children", []):
-            found = find_node(c, cid)
-            if found is not None:
-                return found
-        return None
-
-    def find_parent(node, cid):
-        if cid in children(node):
-            return node
-        for c in node.get("children", []):
-            found = find_parent(c, cid)
-            if found is not None:
-                return found
-        return None
+            below = path_to(c, cid)
+            if below:
+                return [node, *below]
+        return []
 
     for tab in ("txt2img", "img2img"):
         for kind, english in (("prompt", "prompt"), ("neg_prompt", "neg_prompt")):
             container = _elem(components, f"bdm_{tab}_cn_{kind}_container")
-            row = find_parent(config["layout"], container)
+            row = path_to(config["layout"], container)[-2]
             assert components[row["id"]]["props"].get("elem_id") == f"{tab}_{english}_row"
             before = row["children"][children(row).index(container) - 1]  # gradio wraps a textbox in a form
             assert _elem(components, f"{tab}_{english}") in [before["id"], *children(before)]
-        negative = find_node(config["layout"], _elem(components, f"bdm_{tab}_cn_neg_prompt_container"))
+        negative = path_to(config["layout"], _elem(components, f"bdm_{tab}_cn_neg_prompt_container"))[-1]
         for control in ("enabled", "model", "strength"):
-            assert find_node(negative, _elem(components, f"bdm_{tab}_{control}")) is not None, (tab, control)
+            assert path_to(negative, _elem(components, f"bdm_{tab}_{control}")), (tab, control)
     button = _elem(components, "bdm_txt2img_cn_prompt_token_button")
     count = next(d for d in config["dependencies"] if d["targets"] == [[button, "click"]])
     import re
@@ -228,7 +220,7 @@ def test_foreign_checkpoint_is_refused_and_plain_generation_unaffected(forge, on
     """By default the generation stops (HTTP 409, the message names the family); with "continue without
     BDM" the plain image comes, with the reason in its parameters."""
     if not (forge.dir / "models" / "Stable-diffusion" / f"{name}.safetensors").is_file():
-        pytest.skip(f"{name} was not built: {forge.foreign[-500:]}")
+        pytest.skip(f"{name} was not built: {forge.prepared[-500:]}")
     forge.post("/sdapi/v1/options", {"sd_model_checkpoint": name})
     try:
         current = forge.get("/sdapi/v1/options")["sd_model_checkpoint"]

@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.error
 from pathlib import Path
 
 import pytest
 
-from tests.host_util import (REPO, bare_models_dir, free_port, host_python, link_extension, mark_suite, run_installer,
-                             stop_server)
+from tests.host_util import (REPO, bare_models_dir, free_port, host_python, host_session, link_extension, mark_suite,
+                             stop_server, wait_until_ready)
 from tests.host_util import WebUI as HostWebUI
 
 A1111 = os.environ.get("A1111_DIR")
@@ -125,27 +123,20 @@ def start_server(a1111: Path, flags=(), log_path: Path = LOG, settings_file: Pat
     server.log = log_path
     server._log_file = log
     server.cmd = cmd
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            stop_server(server)
-            pytest.fail(f"the WebUI exited with {proc.returncode}; see {log_path}")
-        # A request that reaches the app before the WebUI has added its API (between gradio's launch and
-        # `create_api`) makes starlette build the middleware stack, and the WebUI's own `add_middleware`
-        # then fails ("Cannot add middleware after an application has started"): ask only once the
-        # WebUI says it has started.
-        if "Startup time:" not in log_path.read_text(errors="replace"):
-            time.sleep(2)
-            continue
-        try:
-            if server.call("GET", "/sdapi/v1/sd-models", timeout=10)[0] == 200:
-                _wait_for_startup_model(server)
-                return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(2)
-    stop_server(server)
-    pytest.fail(f"the WebUI did not answer within 300 s; see {log_path}")
+    return wait_until_ready(server, "the WebUI", _ready)
+
+
+def _ready(server: "WebUI") -> bool:
+    """A request that reaches the app before the WebUI has added its API (between gradio's launch and
+    `create_api`) makes starlette build the middleware stack, and the WebUI's own `add_middleware` then
+    fails ("Cannot add middleware after an application has started"): ask only once the WebUI says it
+    has started, then wait for its first checkpoint load."""
+    if "Startup time:" not in server.log.read_text(errors="replace"):
+        return False
+    if server.call("GET", "/sdapi/v1/sd-models", timeout=10)[0] != 200:
+        return False
+    _wait_for_startup_model(server)
+    return True
 
 
 def _wait_for_startup_model(server: "WebUI") -> None:
@@ -160,21 +151,7 @@ def _wait_for_startup_model(server: "WebUI") -> None:
 
 @pytest.fixture(scope="session")
 def webui():
-    if not HAVE_WEBUI:
-        pytest.skip(SKIP_REASON)
-    a1111 = Path(A1111).resolve()
-    prepared = prepare_models(a1111)
-    installer = run_installer(a1111)
-    server = start_server(a1111)
-    server.installer_output = installer
-    server.prepared = prepared
-    try:
-        # the first generation: before the extension was ever used in this server
-        server.baseline_payload = dict(BASE)
-        server.baseline = server.txt2img(**BASE)
-        yield server
-    finally:
-        stop_server(server)
+    yield from host_session(A1111 if HAVE_WEBUI else None, SKIP_REASON, prepare_models, start_server, BASE)
 
 
 AUTH = ("bdm-tester", "secret-pw")

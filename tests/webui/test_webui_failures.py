@@ -13,13 +13,9 @@ import json
 
 import pytest
 
-from tests.host_checks import (PROMPT, bdm, check_args_dict_refused, check_continue_without_bdm_warns,
-                               check_empty_chinese_boxes_only_warn, check_failure_stops_the_generation,
-                               check_models_route_auth, check_no_model_installed, failure_cases)
+from tests.host_checks import PROMPT, bdm, check_models_route_auth, check_no_model_installed, failure_checks
 from tests.webui.conftest import AUTH, BASE, DEFAULT_OPTS
-from tests.webui.models import CRAFTED_MODEL, CRAFTED_VOCAB, TEST_MODEL, WRONG_MODEL
-
-FAILURES = failure_cases(TEST_MODEL)
+from tests.webui.models import CRAFTED_MODEL, CRAFTED_VOCAB, TEST_MODEL
 
 
 def generate_status(webui, args, **kw):
@@ -56,21 +52,9 @@ def test_a_crafted_config_is_refused_before_anything_is_allocated(webui):
     assert webui.alive()
 
 
-@pytest.mark.parametrize("case, args, status, parts", FAILURES, ids=[f[0] for f in FAILURES])
-def test_a_failure_stops_the_generation_with_the_error(webui, case, args, status, parts):
-    check_failure_stops_the_generation(webui, BASE, args, status, parts)
-
-
-def test_continue_without_bdm_warns_visibly(webui):
-    check_continue_without_bdm_warns(webui, BASE, WRONG_MODEL)
-
-
-def test_enabled_with_empty_chinese_boxes_only_warns(webui):
-    check_empty_chinese_boxes_only_warn(webui, BASE, WRONG_MODEL)
-
-
-def test_args_as_a_dict_are_not_the_webuis_api(webui):
-    check_args_dict_refused(webui, BASE)
+@pytest.mark.parametrize("check", failure_checks(TEST_MODEL))
+def test_a_failure_is_an_error_or_a_visible_warning(webui, check):
+    check(webui, BASE)
 
 
 def test_a_model_from_the_parameters_that_is_not_installed(webui):
