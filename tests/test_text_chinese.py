@@ -297,6 +297,24 @@ def test_from_hf_dir_bare_text_model(tmp_path):
     torch.testing.assert_close(enc.encode(["一只可爱的猫, a cute cat"]), _reference(model, enc))
 
 
+def test_from_hf_dir_reads_left_out_keys_as_transformers_defaults(tmp_path):
+    """save_pretrained may write a nested text_config as its difference from the defaults (transformers
+    4.38 leaves out max_position_embeddings=512, type_vocab_size=2, ...): such a folder loads as
+    transformers loads it."""
+    clip = _tiny_clip_model()
+    _save(clip, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    defaults = transformers.ChineseCLIPTextConfig().to_dict()
+    left_out = [k for k in list(cfg["text_config"]) if k in defaults and cfg["text_config"][k] == defaults[k]]
+    for k in left_out:
+        del cfg["text_config"][k]
+    assert "max_position_embeddings" in left_out
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    enc = ChineseTextEncoder.from_hf_dir(tmp_path)
+    assert transformers.ChineseCLIPConfig.from_pretrained(tmp_path).text_config.max_position_embeddings == 512
+    torch.testing.assert_close(enc.encode(["一只可爱的猫, a cute cat"]), _reference(clip.text_model, enc))
+
+
 def test_from_hf_dir_dtype(tmp_path):
     _save(_tiny_clip_model(), tmp_path)
     assert ChineseTextEncoder.from_hf_dir(tmp_path, dtype=torch.float16).dtype == torch.float16

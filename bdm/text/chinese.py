@@ -102,6 +102,14 @@ def toy_config() -> dict:
     }
 
 
+def hf_text_defaults() -> dict:
+    """What transformers assumes for an architecture key a Hugging Face `config.json` leaves out:
+    `save_pretrained` writes a nested `text_config` as its difference from these defaults."""
+    from transformers import ChineseCLIPTextConfig
+
+    return {k: v for k, v in ChineseCLIPTextConfig().to_dict().items() if k in ARCH_KEYS}
+
+
 def _build_config(config: dict):
     from transformers import ChineseCLIPTextConfig
 
@@ -187,6 +195,9 @@ class ChineseTextEncoder(nn.Module):
             if "hidden_size" not in full:
                 raise ValueError(f"{config_file}: neither a ChineseCLIPModel (text_config) nor a text model config")
             text_config = full
+        if not isinstance(text_config, dict):
+            raise ValueError(f"{config_file}: text_config must be a JSON object, found {type(text_config).__name__}")
+        text_config = {**hf_text_defaults(), **text_config}  # keys left out mean transformers' defaults
         tensors, source = _read_text_weights(path)  # read first: the config is checked against them
         check_text_config(text_config, {k: tuple(t.shape) for k, t in tensors.items()}, str(config_file),
                           "text_config" if text_config is not full else "config", prefix=f"{source}: text_model.")
