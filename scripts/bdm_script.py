@@ -131,7 +131,7 @@ def model_refusal(sd_model):
         custom = getattr(sd_unet, "current_unet", None) is not None
     except Exception:  # noqa: BLE001
         custom = False
-    return unet_refusal(getattr(getattr(sd_model, "model", None), "diffusion_model", None),
+    return unet_refusal(host_unet(sd_model),
                         is_sdxl=getattr(sd_model, "is_sdxl", False), is_sd2=getattr(sd_model, "is_sd2", False),
                         is_sd3=getattr(sd_model, "is_sd3", False), custom_unet=custom)
 
@@ -372,32 +372,36 @@ def forge_join(p, run, join) -> None:
 
 
 # -- global callbacks --------------------------------------------------------------------------------
-def on_cfg_denoiser(params):
+def denoiser_run(params):
+    """The denoiser of an `on_cfg_denoiser` call, its generation `p` and that generation's BDM run (None
+    without BDM), the run told which images of the job the batch holds."""
     d = getattr(params, "denoiser", None)
     p = getattr(d, "p", None)
     run = session.run_for(p) if p is not None else None
+    if run is not None:
+        run.image_offset = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
+    return d, p, run
+
+
+def on_cfg_denoiser(params):
+    d, p, run = denoiser_run(params)
     if run is None:
         return
     sd_model = shared.sd_model
     cond = getattr(d.sampler, "sampler_extra_args", {}).get("cond")
-    run.image_offset = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
     run.denoiser_call(params.x, rows_of(params.text_cond), rows_of(params.text_uncond), getattr(cond, "batch", None),
-                      d.inner_model, getattr(getattr(sd_model, "model", None), "diffusion_model", None),
-                      model_refusal(sd_model), step=getattr(d, "step", params.sampling_step),
-                      hires=bool(getattr(p, "is_hr_pass", False)))
+                      d.inner_model, host_unet(sd_model), model_refusal(sd_model),
+                      step=getattr(d, "step", params.sampling_step), hires=bool(getattr(p, "is_hr_pass", False)))
 
 
 def on_cfg_denoiser_forge(params):
     """Forge: the denoiser's step, pass and batch for the Chinese prompts (the branch's link reads them
     per UNet call); after a refiner switch (a fresh UNet without the links of extensions) the branch
     joins the refiner's UNet."""
-    d = getattr(params, "denoiser", None)
-    p = getattr(d, "p", None)
-    run = session.run_for(p) if p is not None else None
+    d, p, run = denoiser_run(params)
     if run is None:
         return
     run.step, run.hires = int(getattr(d, "step", params.sampling_step)), bool(getattr(p, "is_hr_pass", False))
-    run.image_offset = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
     forge_join(p, run, lambda: bdm_forge.rejoin(shared.sd_model, run, params.x, loaded_bridges()))
 
 

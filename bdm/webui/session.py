@@ -125,15 +125,14 @@ class Session:
         encoder = bridge.text_encoder
         encoder.to("cpu" if settings.encoder_on_cpu else device)
         self.cache.resize(settings.cache_size)
-        if first is None:
-            bank = ContextBank(encoder, positive + negative, self.cache, model_key=f"{entry.path}|{entry.hash}",
-                               device=device, dtype=dtype)
-            run = BdmRun(bridge, bank, positive, negative, args.strength, log=log or self.log)
+        if first is None:  # every prompt holds for all steps (no hires schedules then either)
+            scheduled, texts = (positive, negative), positive + negative
         else:
-            bank = ContextBank(encoder, first.all() + (hires.all() if hires else []), self.cache,
-                               model_key=f"{entry.path}|{entry.hash}", device=device, dtype=dtype)
-            run = BdmRun(bridge, bank, first.positive, first.negative, args.strength, log=log or self.log,
-                         hires=(hires.positive, hires.negative) if hires else None)
+            scheduled, texts = (first.positive, first.negative), first.all() + (hires.all() if hires else [])
+        bank = ContextBank(encoder, texts, self.cache, model_key=f"{entry.path}|{entry.hash}", device=device,
+                           dtype=dtype)
+        run = BdmRun(bridge, bank, *scheduled, args.strength, log=log or self.log,
+                     hires=(hires.positive, hires.negative) if hires else None)
         run.entry = entry
         run.infotext = infotext_params(entry.name, entry.hash, positive, negative, args.strength)
         self.last_used = entry.title
@@ -144,11 +143,9 @@ class Session:
 def truncation_warnings(run: BdmRun) -> list[str]:
     """One line per Chinese prompt longer than the encoder takes, worded like the WebUI's own
     warning for English prompts."""
-    from ..text.chinese import token_count
-    encoder = run.bridge.text_encoder
     out = []
     for prompt in run.bank.prompts:
-        used, capacity = token_count(prompt, encoder.tokenizer, encoder.max_chunks)
+        used, capacity = run.bridge.text_encoder.token_count(prompt)
         if used > capacity:
             out.append(f"Warning: too many input tokens in the BDM Chinese prompt; some ({used - capacity}) "
                        f"have been truncated (the first {capacity} are used): {prompt[:30]}…")
