@@ -47,3 +47,15 @@ def test_bench_step_agrees_with_the_official_way_and_reports_wall_and_cpu_ratios
     assert len(diffs) == 3 and max(diffs) < 1e-4, out  # ours, shared and hooks compute what diffusers computes
     for kind in ("RATIOS", "CPU RATIOS"):
         assert re.search(rf"^{kind} ours/backbone=[\d.]+ shared/backbone=[\d.]+", out, re.M), out
+
+
+def test_bench_step_across_processes_prints_the_medians(capsys):
+    """`--processes N` runs the measurement in N fresh processes (each overriding `--processes` with 1)
+    and ends with the median of their ratios."""
+    from bdm.bench.step import main as step
+    args = ["--config", "small", "--width", "32", "--height", "32", "--repeats", "1", "--threads", "1"]
+    assert step([*args, "--processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("-- process ") == 2 and len(re.findall(r"^RATIOS ", out, re.M)) == 2, out
+    for kind in ("RATIOS", "CPU RATIOS"):
+        assert re.search(rf"^MEDIAN of 2 processes: {kind} ours/backbone=[\d.]+ shared/backbone=[\d.]+", out, re.M), out

@@ -209,12 +209,12 @@ def format_ratios(med: dict[str, float]) -> str:
 
 
 def across_processes(argv: list[str], processes: int) -> int:
-    """The bench in `processes` fresh processes, one after another; their output, then the median ratios."""
-    argv = [a for i, a in enumerate(argv) if a != "--processes" and (i == 0 or argv[i - 1] != "--processes")]
-    argv = [a for a in argv if not a.startswith("--processes=") and a != "step"]
+    """The bench in `processes` fresh processes, one after another (`argv` as given, its `--processes`
+    overridden by a last `--processes 1`); their output, then the median ratios."""
     runs: dict[str, list[dict[str, float]]] = {"RATIOS": [], "CPU RATIOS": []}
     for i in range(processes):
-        out = subprocess.run([sys.executable, "-m", "bdm.bench", "step", *argv], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "bdm.bench", "step", *argv, "--processes", "1"],
+                             capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stdout + out.stderr, file=sys.stderr)
             return out.returncode
